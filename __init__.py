@@ -1,0 +1,1 @@
+"""dsv4: a portable inference runtime for DeepSeek V4."""

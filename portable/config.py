@@ -1,0 +1,248 @@
+"""Model configuration: one `ModelConfig` read from an HF-style `config.json`.
+
+Why a dataclass of our own instead of a dict: every size the graph, the cache and the checkpoint schema
+need is derived here once, and every bad field is rejected here with one clear message, so nothing
+downstream meets a config it cannot run.  Key names are the HF `config.json` names (model spec §1.1).
+Presets: `flash`, `pro` (the released models), `tiny` (model spec §11.1) and `tiny2` (a second small
+config with other sizes: HCA first like Pro, 8 heads, 16 experts top-4, hidden 384).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+WINDOW, CSA, HCA = "window", "csa", "hca"
+_KIND = {0: WINDOW, 4: CSA, 128: HCA}
+
+
+class ConfigError(ValueError):
+    """A config.json field that V4 cannot run with; the message names the field."""
+
+
+def _yarn_default():
+    return {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+            "beta_fast": 32, "beta_slow": 1}
+
+
+def _quant_default():
+    return {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+            "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_hidden_layers: int = 43
+    compress_ratios: tuple = ()
+    num_hash_layers: int = 3
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 1
+    head_dim: int = 512
+    qk_rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    sliding_window: int = 128
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 6
+    n_shared_experts: int = 1
+    moe_intermediate_size: int = 2048
+    scoring_func: str = "sqrtsoftplus"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.5
+    swiglu_limit: float = 10.0
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_scaling: dict = field(default_factory=_yarn_default)
+    max_position_embeddings: int = 1048576
+    num_nextn_predict_layers: int = 1
+    expert_dtype: str = "fp4"
+    quantization_config: dict | None = field(default_factory=_quant_default)
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    tie_word_embeddings: bool = False
+    model_type: str = "deepseek_v4"
+    encoding: str = "dsv4-2604"   # chat-encoder variant (effort table); see portable/encoding
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "compress_ratios" in kw:
+            kw["compress_ratios"] = tuple(kw["compress_ratios"])
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path) -> "ModelConfig":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.exists():
+            raise ConfigError(f"no config.json at {p}")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["compress_ratios"] = list(self.compress_ratios)
+        d["architectures"] = ["DeepseekV4ForCausalLM"]
+        return d
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ConfigError(f"config field '{name}': {why}")
+
+        if self.model_type != "deepseek_v4":
+            bad("model_type", f"expected 'deepseek_v4', got {self.model_type!r}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                     "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "n_routed_experts",
+                     "num_experts_per_tok", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters",
+                     "max_position_embeddings", "index_n_heads", "index_head_dim", "index_topk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(name, f"must be a positive integer, got {v!r}")
+        n_ratios = self.num_hidden_layers + self.num_nextn_predict_layers
+        if len(self.compress_ratios) != n_ratios:
+            bad("compress_ratios", f"needs num_hidden_layers + num_nextn_predict_layers = {n_ratios} "
+                f"entries, got {len(self.compress_ratios)}")
+        for i, r in enumerate(self.compress_ratios):
+            if r not in _KIND:
+                bad("compress_ratios", f"entry {i} is {r!r}; V4 supports only 0 (window), 4 (CSA), 128 (HCA)")
+        if self.num_key_value_heads != 1:
+            bad("num_key_value_heads", f"V4 uses one shared K=V head, got {self.num_key_value_heads}")
+        if self.n_shared_experts != 1:
+            bad("n_shared_experts", f"V4 has exactly one shared expert, got {self.n_shared_experts}")
+        if self.num_nextn_predict_layers not in (0, 1):
+            bad("num_nextn_predict_layers", f"must be 0 or 1, got {self.num_nextn_predict_layers}")
+        r = self.qk_rope_head_dim
+        if r % 2 or r <= 0 or r > self.head_dim:
+            bad("qk_rope_head_dim", f"must be even and ≤ head_dim ({self.head_dim}), got {r}")
+        if r > self.index_head_dim:
+            bad("qk_rope_head_dim", f"must be ≤ index_head_dim ({self.index_head_dim}), got {r}")
+        if self.num_attention_heads % self.o_groups:
+            bad("o_groups", f"{self.o_groups} does not divide num_attention_heads={self.num_attention_heads}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            bad("num_experts_per_tok", f"{self.num_experts_per_tok} > n_routed_experts={self.n_routed_experts}")
+        if not 0 <= self.num_hash_layers <= self.num_hidden_layers:
+            bad("num_hash_layers", f"must be in 0..num_hidden_layers, got {self.num_hash_layers}")
+        if self.scoring_func != "sqrtsoftplus":
+            bad("scoring_func", f"V4 routes with 'sqrtsoftplus', got {self.scoring_func!r}")
+        if self.expert_dtype not in ("fp4", "fp8"):
+            bad("expert_dtype", f"must be 'fp4' or 'fp8', got {self.expert_dtype!r}")
+        if self.expert_dtype == "fp4" and (self.hidden_size % 32 or self.moe_intermediate_size % 32):
+            bad("moe_intermediate_size", "FP4 experts need hidden_size and moe_intermediate_size divisible by 32")
+        rs = self.rope_scaling or {}
+        if rs and rs.get("type", rs.get("rope_type")) != "yarn":
+            bad("rope_scaling", f"only YaRN scaling is defined for V4, got {rs!r}")
+        if self.quantization_config is not None:
+            bs = self.quantization_config.get("weight_block_size", [128, 128])
+            if list(bs) != [128, 128]:
+                bad("quantization_config", f"weight_block_size must be [128, 128], got {bs}")
+        if self.encoding not in ("dsv4-2604", "dsv4-0731"):
+            bad("encoding", f"must be 'dsv4-2604' or 'dsv4-0731', got {self.encoding!r}")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def n_layers_total(self) -> int:
+        """Main layers plus the MTP block (which is layer index num_hidden_layers)."""
+        return self.num_hidden_layers + self.num_nextn_predict_layers
+
+    def ratio(self, layer: int) -> int:
+        return self.compress_ratios[layer]
+
+    def kind(self, layer: int) -> str:
+        return _KIND[self.compress_ratios[layer]]
+
+    def hash_routed(self, layer: int) -> bool:
+        return layer < self.num_hash_layers
+
+    @property
+    def nope_dim(self) -> int:
+        return self.head_dim - self.qk_rope_head_dim
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.o_groups
+
+    @property
+    def hc_mix(self) -> int:
+        return (2 + self.hc_mult) * self.hc_mult
+
+    @property
+    def yarn(self) -> dict:
+        return self.rope_scaling or {}
+
+    def entries_capacity(self, layer: int, max_len: int) -> int:
+        r = self.ratio(layer)
+        return max_len // r if r else 0
+
+    def param_counts(self) -> dict:
+        """Total and per-token-active parameter counts of the main model and of the MTP block."""
+        from .checkpoint import schema  # local import: schema depends on config
+        total = active = mtp = 0
+        k, e = self.num_experts_per_tok, self.n_routed_experts
+        for spec in schema(self):
+            if spec.name.endswith(".scale") or spec.name.endswith("tid2eid"):
+                continue
+            n = math.prod(spec.shape) * (2 if spec.dtype == "I8" else 1)
+            if spec.name.startswith("mtp."):
+                mtp += n
+                continue
+            total += n
+            active += n * k // e if ".ffn.experts." in spec.name else n
+        return {"total": total, "active": active, "mtp": mtp}
+
+
+# ---------------------------------------------------------------------- presets
+def _flash() -> dict:
+    return dict(hidden_size=4096, num_hidden_layers=43, num_attention_heads=64, q_lora_rank=1024, o_groups=8,
+                compress_ratios=[0, 0] + [4 if i % 2 == 0 else 128 for i in range(2, 43)] + [0],
+                index_topk=512, n_routed_experts=256, moe_intermediate_size=2048, routed_scaling_factor=1.5)
+
+
+def _pro() -> dict:
+    return dict(hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, o_groups=16,
+                compress_ratios=[128, 128] + [4 if i % 2 == 0 else 128 for i in range(2, 61)] + [0],
+                index_topk=1024, n_routed_experts=384, moe_intermediate_size=3072, routed_scaling_factor=2.5)
+
+
+def _tiny() -> dict:
+    return dict(vocab_size=1024, hidden_size=256, num_hidden_layers=6, compress_ratios=[0, 4, 128, 4, 128, 0, 0],
+                num_attention_heads=4, head_dim=128, q_lora_rank=128, o_groups=2, o_lora_rank=128,
+                index_n_heads=16, index_topk=4, n_routed_experts=8, num_experts_per_tok=2,
+                moe_intermediate_size=128, max_position_embeddings=4096)
+
+
+def _tiny2() -> dict:
+    return dict(vocab_size=1024, hidden_size=384, num_hidden_layers=5, compress_ratios=[128, 4, 0, 4, 128, 0],
+                num_hash_layers=2, num_attention_heads=8, head_dim=128, q_lora_rank=256, o_groups=4,
+                o_lora_rank=128, index_n_heads=16, index_topk=6, n_routed_experts=16, num_experts_per_tok=4,
+                moe_intermediate_size=256, routed_scaling_factor=2.5, max_position_embeddings=2048)
+
+
+PRESETS = {"flash": _flash, "pro": _pro, "tiny": _tiny, "tiny2": _tiny2}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig.from_dict(PRESETS[name]())
