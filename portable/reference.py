@@ -1,0 +1,156 @@
+"""The NumPy reference backend: the oracle every other backend is measured against.
+
+Three numerics:
+* `float64` — the oracle.  Every op in double precision; used by the parity tests.
+* `float32` — the same graph in single precision (what fp32 backends are compared with).
+* `bfloat16` — float32 compute with values rounded to bf16 at exactly the points where the official code
+  stores activations in bf16 (`Ops.act`), so a bf16 backend can be compared with a reference that has
+  the same rounding points.
+`emulate=True` adds the official quantization-aware numerics of model spec §9.3 (activation FP8 before
+every FP8/FP4-weight GEMM, FP8 rounding of KV entries, Hadamard + FP4 on the indexer).
+
+Weights stay quantized (memory-mapped FP8/FP4 bytes + scales) and are dequantized at the matmul that uses
+them; small plain tensors (norms, hc, gates, embeddings) are decoded once and cached.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import quant
+from .ops import Ops
+
+_DTYPES = {"float64": np.float64, "float32": np.float32, "bfloat16": np.float32}
+
+
+class NumpyOps(Ops):
+    name = "reference"
+
+    def __init__(self, dtype: str = "float64", emulate: bool = False):
+        if dtype not in _DTYPES:
+            raise ValueError(f"reference backend dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        self.dt = _DTYPES[dtype]
+        self.emulate = emulate
+
+    # dtype points
+    def act(self, x):
+        return quant.round_bf16(x) if self.dtype == "bfloat16" else x
+
+    # primitives
+    def asarray(self, x, kind="float"):
+        return np.asarray(x, dtype={"float": self.dt, "int": np.int64, "bool": bool}[kind])
+
+    def to_numpy(self, x):
+        return np.asarray(x)
+
+    def zeros(self, shape, kind="float"):
+        return np.zeros(shape, dtype=self.dt if kind == "float" else np.int64)
+
+    def full(self, shape, value, kind="float"):
+        return np.full(shape, value, dtype=self.dt if kind == "float" else np.int64)
+
+    def arange(self, n):
+        return np.arange(n, dtype=np.int64)
+
+    def to_float(self, x):
+        return x.astype(self.dt)
+
+    def matmul(self, a, b):
+        return np.matmul(a, b)
+
+    exp, log, sqrt, abs, cos, sin = (staticmethod(f) for f in (np.exp, np.log, np.sqrt, np.abs, np.cos, np.sin))
+    maximum, minimum = staticmethod(np.maximum), staticmethod(np.minimum)
+
+    def where(self, cond, a, b):
+        out = np.where(cond, a, b)
+        return out.astype(self.dt) if out.dtype.kind == "f" and out.dtype != self.dt else out
+
+    def sum(self, x, axis, keepdims=False):
+        return np.sum(x, axis=axis, keepdims=keepdims)
+
+    def max(self, x, axis, keepdims=False):
+        return np.max(x, axis=axis, keepdims=keepdims)
+
+    def reshape(self, x, shape):
+        return np.reshape(x, shape)
+
+    def transpose(self, x, axes):
+        return np.transpose(x, axes)
+
+    def concat(self, xs, axis):
+        return np.concatenate(xs, axis=axis)
+
+    def broadcast_to(self, x, shape):
+        return np.broadcast_to(x, shape)
+
+    def take(self, x, idx, axis=0):
+        return np.take(x, idx, axis=axis)
+
+    def take_along_axis(self, x, idx, axis=-1):
+        return np.take_along_axis(x, idx, axis=axis)
+
+    def gather_rows(self, x, idx):
+        return x[np.arange(x.shape[0])[:, None], idx]
+
+    def scatter_rows(self, buf, idx, rows):
+        out = buf.copy()
+        out[np.arange(buf.shape[0])[:, None], idx] = rows
+        return out
+
+    def topk(self, x, k):
+        return np.argsort(-x, axis=-1, kind="stable")[..., :k]
+
+    def dense(self, w):
+        if isinstance(w, quant.QuantWeight):
+            return quant.dequantize(w, self.dt)
+        return w
+
+    # numerics emulation (§9.3)
+    def linear(self, x, w):
+        if self.emulate and isinstance(w, quant.QuantWeight) and w.fmt != "float":
+            x = quant.act_fp8_round(x, 128)
+        return np.matmul(x, self.dense(w).T)
+
+    def kv_round(self, x, nope):
+        if not self.emulate:
+            return x
+        return np.concatenate([quant.act_fp8_round(x[..., :nope], 64), x[..., nope:]], -1)
+
+    def indexer_round(self, x):
+        if not self.emulate:
+            return x
+        n = x.shape[-1]
+        return quant.act_fp4_round(np.matmul(x, quant.hadamard(n).astype(x.dtype)), 32)
+
+
+class NumpyWeights:
+    """Weight store over a `Checkpoint`: quantized linears stay `QuantWeight`s, plain tensors are decoded
+    once into the compute dtype (integer tables stay int64)."""
+
+    def __init__(self, ckpt, dtype):
+        self.ckpt, self.dt = ckpt, dtype
+        self._names = set(ckpt.names())
+        self._cache: dict = {}
+
+    def __getitem__(self, name):
+        if name in self._cache:
+            return self._cache[name]
+        if name.endswith(".weight") and name[:-7] + ".scale" in self._names:
+            val = self.ckpt.quant_weight(name[:-7])
+        elif self.ckpt.spec(name).dtype in ("I64", "I32"):
+            val = np.asarray(self.ckpt.raw(name), dtype=np.int64)
+        else:
+            val = self.ckpt.array(name, np.float32).astype(self.dt)
+        self._cache[name] = val
+        return val
+
+    def experts(self, prefix):
+        n = sum(1 for k in self._names if k.startswith(prefix) and k.endswith(".w1.weight"))
+        return [tuple(self[f"{prefix}{e}.{w}.weight"] for w in ("w1", "w2", "w3")) for e in range(n)]
+
+
+def make_runner(cfg, ckpt, dtype="float32", emulate=False, **_):
+    from .runtime import GraphRunner
+    ops = NumpyOps(dtype, emulate)
+    return GraphRunner(cfg, ops, NumpyWeights(ckpt, ops.dt))

@@ -1,0 +1,186 @@
+"""Backend registry, the `Model` object behind `dsv4.load`, and the default graph runner.
+
+Why a registry: `portable` must not import a backend, yet `dsv4.load(path, backend="mlx")` has to find
+one.  Each backend module registers a `make_runner(cfg, ckpt, dtype=..., emulate=..., ...)` under its
+name when imported; the registry knows only the module paths of the built-in ones and imports them
+lazily, so a missing optional dependency becomes a one-line error naming the extra to install.
+
+A runner is the one thing a backend must provide: `new_state(batch, max_len)`, `step(state, ids) ->
+(logits, state, streams)` on NumPy int ids / float32 logits, and `mtp_step(...)`.  `GraphRunner` is the
+eager implementation over any `Ops`; backends may wrap it (compiled steps, CUDA graphs) or replace it
+(an ONNX session).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+
+from . import cache, graph
+from .config import ModelConfig, PRESETS
+
+_BUILTIN = {"reference": "dsv4.portable.reference", "mlx": "dsv4.backends.mlx",
+            "cuda": "dsv4.backends.cuda", "onnx": "dsv4.backends.onnx"}
+_FACTORIES: dict = {}
+
+
+class BackendError(RuntimeError):
+    """An unknown or unavailable backend; the message says what to install."""
+
+
+def register_backend(name: str, make_runner) -> None:
+    _FACTORIES[name] = make_runner
+
+
+def backend_names() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_FACTORIES))
+
+
+def get_backend(name: str):
+    if name not in _FACTORIES:
+        if name not in _BUILTIN:
+            raise BackendError(f"unknown backend {name!r}; available: {', '.join(backend_names())}")
+        try:
+            mod = importlib.import_module(_BUILTIN[name])
+        except ImportError as e:
+            raise BackendError(f"backend {name!r} is not installed ({e.name or e}); "
+                               f"install it with: pip install 'dsv4[{name}]'") from None
+        _FACTORIES.setdefault(name, getattr(mod, "make_runner", None))
+        if _FACTORIES[name] is None:
+            raise BackendError(f"backend {name!r} does not provide make_runner")
+    return _FACTORIES[name]
+
+
+class GraphRunner:
+    """Runs `portable.graph` eagerly on an `Ops` instance with a weight store."""
+
+    def __init__(self, cfg: ModelConfig, ops, weights):
+        self.cfg, self.ops, self.weights = cfg, ops, weights
+
+    def new_state(self, batch: int, max_len: int) -> dict:
+        return cache.new_state(self.ops, cache.state_spec(self.cfg, batch, max_len))
+
+    def new_mtp_state(self, batch: int, max_len: int) -> dict:
+        return cache.new_state(self.ops, cache.mtp_state_spec(self.cfg, batch, max_len))
+
+    def step(self, state: dict, ids: np.ndarray):
+        o = self.ops
+        logits, new, streams = graph.forward(o, self.weights, self.cfg, state, o.asarray(ids, "int"))
+        return np.asarray(o.to_numpy(logits)), new, streams
+
+    def mtp_step(self, state: dict, streams, ids_next: np.ndarray):
+        o = self.ops
+        logits, new = graph.mtp_forward(o, self.weights, self.cfg, state, streams, o.asarray(ids_next, "int"))
+        return np.asarray(o.to_numpy(logits)), new
+
+    def position(self, state: dict) -> int:
+        """Tokens already in `state` (the longest sequence of the batch)."""
+        return int(np.max(self.ops.to_numpy(state["start"])))
+
+    def state_to_numpy(self, state: dict) -> dict:
+        return {k: np.asarray(self.ops.to_numpy(v)) for k, v in state.items()}
+
+
+class ContextError(ValueError):
+    """Input longer than the context this model was loaded with."""
+
+
+class Model:
+    """A loaded V4 model on one backend.  Stateless calls (`forward`) and stateful ones (`step`) share one
+    runner; generation lives in `portable.generate` and is reached through `generate`/`stream`."""
+
+    def __init__(self, cfg: ModelConfig, runner, path: Path | None, backend: str, dtype: str, context: int):
+        self.config, self.runner, self.path = cfg, runner, path
+        self.backend, self.dtype, self.context = backend, dtype, context
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .encoding import Tokenizer
+            self._tokenizer = Tokenizer.from_dir(self.path)
+        return self._tokenizer
+
+    def check_length(self, n: int) -> None:
+        if n > self.context:
+            raise ContextError(f"{n} tokens exceed this model's context of {self.context} tokens "
+                               f"(load with a larger context=, at most {self.config.max_position_embeddings})")
+
+    def new_state(self, batch: int = 1):
+        return self.runner.new_state(batch, self.context)
+
+    def step(self, state, ids):
+        """Feed ids [B,S] to `state`; returns (logits [B,S,V] float32, new state)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self.check_length(self.runner.position(state) + ids.shape[1])
+        logits, new, _ = self.runner.step(state, ids)
+        return logits.astype(np.float32), new
+
+    def forward(self, ids, chunk: int | None = None, full_precision: bool = False):
+        """Logits for every position of ids ([S] or [B,S]) from a fresh state, float32 NumPy (or the
+        backend's compute precision with `full_precision`, e.g. float64 for the oracle)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        single = ids.ndim == 1
+        ids2 = ids[None] if single else ids
+        self.check_length(ids2.shape[1])
+        state = self.new_state(ids2.shape[0])
+        chunk = chunk or ids2.shape[1]
+        outs = []
+        for a in range(0, ids2.shape[1], chunk):
+            logits, state, _ = self.runner.step(state, ids2[:, a:a + chunk])
+            outs.append(logits)
+        out = np.concatenate(outs, 1)
+        out = out if full_precision else out.astype(np.float32)
+        return out[0] if single else out
+
+    def mtp_forward(self, ids, ids_next):
+        """MTP logits [S,V] for main ids [S] and the next-token ids [S] (from fresh states)."""
+        ids = np.asarray(ids, dtype=np.int64)[None]
+        nxt = np.asarray(ids_next, dtype=np.int64)[None]
+        self.check_length(ids.shape[1])
+        _, _, streams = self.runner.step(self.new_state(1), ids)
+        logits, _ = self.runner.mtp_step(self.runner.new_mtp_state(1, self.context), streams, nxt)
+        return logits[0].astype(np.float32)
+
+    def generate(self, prompt_ids, **kw):
+        from .generate import generate
+        return generate(self, prompt_ids, **kw)
+
+    def stream(self, prompt_ids, **kw):
+        from .generate import stream
+        return stream(self, prompt_ids, **kw)
+
+
+def resolve_path(path_or_preset) -> Path:
+    """A checkpoint directory, or the name of a synthetic preset (built once into the user cache)."""
+    p = Path(str(path_or_preset)).expanduser()
+    if p.exists():
+        return p
+    name = str(path_or_preset)
+    if name in ("tiny", "tiny2"):
+        from .tiny import ensure_tiny
+        return ensure_tiny(name)
+    if name in PRESETS:
+        raise FileNotFoundError(f"preset {name!r} has no weights on this machine; pass the directory of a "
+                                f"downloaded DeepSeek-V4 checkpoint")
+    raise FileNotFoundError(f"model directory not found: {p}")
+
+
+def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emulate: bool = False,
+         context: int | None = None, validate: bool = True, **backend_options) -> Model:
+    """Load a V4 checkpoint (official layout or a backend's converted directory) on a backend."""
+    from .checkpoint import Checkpoint
+    make_runner = get_backend(backend)
+    path = resolve_path(path_or_preset)
+    cfg = ModelConfig.from_file(path)
+    ctx = min(context or min(cfg.max_position_embeddings, 16384), cfg.max_position_embeddings)
+    if backend == "onnx":
+        runner = make_runner(cfg, path, dtype=dtype, emulate=emulate, **backend_options)
+    else:
+        ckpt = Checkpoint(path)
+        if validate:
+            ckpt.validate(cfg)
+        runner = make_runner(cfg, ckpt, dtype=dtype, emulate=emulate, **backend_options)
+    return Model(cfg, runner, path, backend, dtype, ctx)
