@@ -3,8 +3,9 @@
 Why a dataclass of our own instead of a dict: every size the graph, the cache and the checkpoint schema
 need is derived here once, and every bad field is rejected here with one clear message, so nothing
 downstream meets a config it cannot run.  Key names are the HF `config.json` names (model spec §1.1).
-Presets: `flash`, `pro` (the released models), `tiny` (model spec §11.1) and `tiny2` (a second small
-config with other sizes: HCA first like Pro, 8 heads, 16 experts top-4, hidden 384).
+Presets: `flash`, `pro` (the released models), `tiny` (model spec §11.1), `tiny2` (a second small
+config with other sizes: HCA first like Pro, 8 heads, 16 experts top-4, hidden 384) and `demo` (tiny with
+the real 129,280-token vocabulary, for the embedded demo).
 """
 
 from __future__ import annotations
@@ -239,7 +240,12 @@ def _tiny2() -> dict:
                 moe_intermediate_size=256, routed_scaling_factor=2.5, max_position_embeddings=2048)
 
 
-PRESETS = {"flash": _flash, "pro": _pro, "tiny": _tiny, "tiny2": _tiny2}
+def _demo() -> dict:
+    """The tiny architecture with the real V4 vocabulary, so the demo runs the official tokenizer."""
+    return dict(_tiny(), vocab_size=129280, max_position_embeddings=8192)
+
+
+PRESETS = {"flash": _flash, "pro": _pro, "tiny": _tiny, "tiny2": _tiny2, "demo": _demo}
 
 
 def preset(name: str) -> ModelConfig:

@@ -10,7 +10,11 @@ Three numerics:
 every FP8/FP4-weight GEMM, FP8 rounding of KV entries, Hadamard + FP4 on the indexer).
 
 Weights stay quantized (memory-mapped FP8/FP4 bytes + scales) and are dequantized at the matmul that uses
-them; small plain tensors (norms, hc, gates, embeddings) are decoded once and cached.
+them; small plain tensors (norms, hc, gates, embeddings) are decoded once and cached.  Because the oracle
+mostly runs tiny checkpoints one token at a time, dequantized copies are kept up to `dense_cache_bytes`
+(default 1 GiB): beyond that budget every use dequantizes afresh, so a large model never turns dense.
+The MoE runs only the experts that some token was routed to (the reference is eager, so it may branch on
+values; traced backends use the dense default of `Ops.moe` or a grouped kernel).
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ _DTYPES = {"float64": np.float64, "float32": np.float32, "bfloat16": np.float32}
 class NumpyOps(Ops):
     name = "reference"
 
-    def __init__(self, dtype: str = "float64", emulate: bool = False):
+    def __init__(self, dtype: str = "float64", emulate: bool = False, dense_cache_bytes: int = 1 << 30):
         if dtype not in _DTYPES:
             raise ValueError(f"reference backend dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         self.dtype = dtype
         self.dt = _DTYPES[dtype]
         self.emulate = emulate
+        self._dense: dict = {}
+        self._dense_left = dense_cache_bytes
 
     # dtype points
     def act(self, x):
@@ -102,9 +108,24 @@ class NumpyOps(Ops):
         return np.argsort(-x, axis=-1, kind="stable")[..., :k]
 
     def dense(self, w):
-        if isinstance(w, quant.QuantWeight):
-            return quant.dequantize(w, self.dt)
-        return w
+        if not isinstance(w, quant.QuantWeight):
+            return w
+        hit = self._dense.get(id(w))
+        if hit is not None:
+            return hit[1]
+        d = quant.dequantize(w, self.dt)
+        if d.nbytes <= self._dense_left:
+            self._dense_left -= d.nbytes
+            self._dense[id(w)] = (w, d)        # keep w alive so its id stays unique
+        return d
+
+    def moe(self, x, idx, wts, experts, limit):
+        out = np.zeros(x.shape, dtype=self.dt)
+        for e in np.unique(idx):
+            rows = np.nonzero((idx == e).any(-1))[0]
+            coef = np.where(idx[rows] == e, wts[rows], 0.0).sum(-1)
+            out[rows] += self.expert(x[rows], *experts[e], limit, coef=coef)
+        return out
 
     # numerics emulation (§9.3)
     def linear(self, x, w):
@@ -146,8 +167,11 @@ class NumpyWeights:
         return val
 
     def experts(self, prefix):
-        n = sum(1 for k in self._names if k.startswith(prefix) and k.endswith(".w1.weight"))
-        return [tuple(self[f"{prefix}{e}.{w}.weight"] for w in ("w1", "w2", "w3")) for e in range(n)]
+        if prefix not in self._cache:
+            n = sum(1 for k in self._names if k.startswith(prefix) and k.endswith(".w1.weight"))
+            self._cache[prefix] = [tuple(self[f"{prefix}{e}.{w}.weight"] for w in ("w1", "w2", "w3"))
+                                   for e in range(n)]
+        return self._cache[prefix]
 
 
 def make_runner(cfg, ckpt, dtype="float32", emulate=False, **_):

@@ -14,6 +14,7 @@ eager implementation over any `Ops`; backends may wrap it (compiled steps, CUDA 
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -159,13 +160,28 @@ def resolve_path(path_or_preset) -> Path:
     if p.exists():
         return p
     name = str(path_or_preset)
-    if name in ("tiny", "tiny2"):
+    if name in ("tiny", "tiny2", "demo"):
         from .tiny import ensure_tiny
         return ensure_tiny(name)
     if name in PRESETS:
         raise FileNotFoundError(f"preset {name!r} has no weights on this machine; pass the directory of a "
                                 f"downloaded DeepSeek-V4 checkpoint")
     raise FileNotFoundError(f"model directory not found: {p}")
+
+
+def converted_for(path: Path, backend: str) -> bool:
+    """True for a directory written by `backend`'s converter (config.json carries `dsv4_format: {"backend":
+    name, ...}`): its tensors follow that backend's own layout, which the backend checks as it loads."""
+    try:
+        fmt = json.loads((Path(path) / "config.json").read_text()).get("dsv4_format")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(fmt, dict):
+        return False
+    if fmt.get("backend") != backend:
+        raise BackendError(f"{path} was converted for backend {fmt.get('backend')!r}; load it with "
+                           f"backend={fmt.get('backend')!r}, or load the original checkpoint")
+    return True
 
 
 def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emulate: bool = False,
@@ -180,7 +196,7 @@ def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emu
         runner = make_runner(cfg, path, dtype=dtype, emulate=emulate, **backend_options)
     else:
         ckpt = Checkpoint(path)
-        if validate:
+        if validate and not converted_for(path, backend):
             ckpt.validate(cfg)
         runner = make_runner(cfg, ckpt, dtype=dtype, emulate=emulate, **backend_options)
     return Model(cfg, runner, path, backend, dtype, ctx)

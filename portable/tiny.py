@@ -78,13 +78,16 @@ def synthetic_tensors(cfg: ModelConfig, seed: int = 0) -> dict:
 
 
 def write_checkpoint(cfg: ModelConfig, out_dir, seed: int = 0, shard_bytes: int = 4 << 20,
-                     tokenizer: str = "test") -> Path:
+                     tokenizer: str | None = "test") -> Path:
     """Write config.json, sharded safetensors + index and a tokenizer.json ('test' = the small test
-    tokenizer sized to the vocab; 'v4' = the official V4 tokenizer, which needs vocab_size ≥ 129280)."""
+    tokenizer sized to the vocab; 'v4' = the official V4 tokenizer, which needs vocab_size ≥ 129280;
+    None = weights only)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     save_sharded(out, synthetic_tensors(cfg, seed), shard_bytes)
+    if tokenizer is None:
+        return out
     from .encoding import official_tokenizer_path, write_test_tokenizer
     if tokenizer == "v4":
         shutil.copy(official_tokenizer_path(), out / "tokenizer.json")
@@ -104,7 +107,7 @@ def ensure_tiny(name: str = "tiny", seed: int = 0) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    write_checkpoint(preset(name), tmp, seed)
+    write_checkpoint(preset(name), tmp, seed, tokenizer="v4" if name == "demo" else "test")
     try:
         tmp.rename(target)
     except OSError:                                            # another process won the race

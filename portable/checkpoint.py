@@ -1,0 +1,379 @@
+"""Official V4 checkpoint layout (model spec §8): schema, a safetensors reader/writer, validation.
+
+Why not the `safetensors` package: it has no numpy dtype for F8_E4M3 / F8_E8M0 and copies tensors into
+memory, while a 160 GB checkpoint must be read lazily.  The format is tiny — an 8-byte little-endian
+header length, a JSON header `{name: {dtype, shape, data_offsets}}`, then the raw bytes — so we parse
+headers ourselves and hand out `np.memmap` views in the stored dtype:
+
+    F8_E4M3, F8_E8M0, I8 (packed FP4), U8 → uint8    BF16 → uint16 (raw bf16 words)
+    F16 → float16    F32 → float32    I32 → int32    I64 → int64
+
+Opening never fails on a broken shard: every problem (bad header, truncated data, index naming a
+missing shard, ...) is recorded, reported by `validate` in one `CheckpointError` together with the
+schema mismatches, and raised again when a broken tensor is actually read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .quant import FP4_BLOCK, FP8_BLOCK, QuantWeight, bf16_to_f32, e4m3_to_f32, e8m0_to_f32
+
+NP_DTYPE = {"F8_E4M3": np.dtype("u1"), "F8_E8M0": np.dtype("u1"), "I8": np.dtype("u1"), "U8": np.dtype("u1"),
+            "BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
+            "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names every offending tensor or file."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str    # safetensors dtype string
+    shape: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * NP_DTYPE[self.dtype].itemsize
+
+    def __str__(self):
+        return f"{self.dtype} {list(self.shape)}"
+
+
+# ---------------------------------------------------------------------- schema
+def schema(cfg: ModelConfig) -> list[TensorSpec]:
+    """Every tensor of the official checkpoint for `cfg`, in layer order (model spec §8.3)."""
+    out: list[TensorSpec] = []
+    D, V, hc = cfg.hidden_size, cfg.vocab_size, cfg.hc_mult
+
+    def t(name, dtype, *shape):
+        out.append(TensorSpec(name, dtype, tuple(shape)))
+
+    def fp8(name, o, i, scale_dtype="F8_E8M0"):
+        t(f"{name}.weight", "F8_E4M3", o, i)
+        t(f"{name}.scale", scale_dtype, -(-o // FP8_BLOCK), -(-i // FP8_BLOCK))
+
+    def expert(name, o, i):
+        if cfg.expert_dtype == "fp4":
+            t(f"{name}.weight", "I8", o, i // 2)
+            t(f"{name}.scale", "F8_E8M0", o, i // FP4_BLOCK)
+        else:   # -Base: FP8 block experts with float32 scales
+            fp8(name, o, i, "F32")
+
+    def hc_head(p):
+        t(f"{p}hc_head_fn", "F32", hc, hc * D)
+        t(f"{p}hc_head_base", "F32", hc)
+        t(f"{p}hc_head_scale", "F32", 1)
+
+    def compressor(p, ratio, c):
+        width = (2 if ratio == 4 else 1) * c     # ratio 4 pools overlapping blocks: two halves
+        t(f"{p}wkv.weight", "BF16", width, D)
+        t(f"{p}wgate.weight", "BF16", width, D)
+        t(f"{p}ape", "F32", ratio, width)
+        t(f"{p}norm.weight", "BF16", c)
+
+    def block(p, ratio, hashed):
+        hd, inter, E = cfg.head_dim, cfg.moe_intermediate_size, cfg.n_routed_experts
+        t(f"{p}attn_norm.weight", "BF16", D)
+        t(f"{p}ffn_norm.weight", "BF16", D)
+        for part in ("attn", "ffn"):
+            t(f"{p}hc_{part}_fn", "F32", cfg.hc_mix, hc * D)
+            t(f"{p}hc_{part}_base", "F32", cfg.hc_mix)
+            t(f"{p}hc_{part}_scale", "F32", 3)
+        a = f"{p}attn."
+        fp8(f"{a}wq_a", cfg.q_lora_rank, D)
+        t(f"{a}q_norm.weight", "BF16", cfg.q_lora_rank)
+        fp8(f"{a}wq_b", cfg.num_attention_heads * hd, cfg.q_lora_rank)
+        fp8(f"{a}wkv", hd, D)
+        t(f"{a}kv_norm.weight", "BF16", hd)
+        fp8(f"{a}wo_a", cfg.o_groups * cfg.o_lora_rank, cfg.heads_per_group * hd)
+        fp8(f"{a}wo_b", D, cfg.o_groups * cfg.o_lora_rank)
+        t(f"{a}attn_sink", "F32", cfg.num_attention_heads)
+        if ratio:
+            compressor(f"{a}compressor.", ratio, hd)
+        if ratio == 4:
+            ih = cfg.index_n_heads
+            fp8(f"{a}indexer.wq_b", ih * cfg.index_head_dim, cfg.q_lora_rank)
+            t(f"{a}indexer.weights_proj.weight", "BF16", ih, D)
+            compressor(f"{a}indexer.compressor.", ratio, cfg.index_head_dim)
+        f = f"{p}ffn."
+        t(f"{f}gate.weight", "BF16", E, D)
+        if hashed:
+            t(f"{f}gate.tid2eid", "I64", V, cfg.num_experts_per_tok)
+        else:
+            t(f"{f}gate.bias", "F32", E)
+        for e in range(E):
+            expert(f"{f}experts.{e}.w1", inter, D)
+            expert(f"{f}experts.{e}.w2", D, inter)
+            expert(f"{f}experts.{e}.w3", inter, D)
+        fp8(f"{f}shared_experts.w1", inter, D)
+        fp8(f"{f}shared_experts.w2", D, inter)
+        fp8(f"{f}shared_experts.w3", inter, D)
+
+    t("embed.weight", "BF16", V, D)
+    t("head.weight", "BF16", V, D)
+    t("norm.weight", "BF16", D)
+    hc_head("")
+    for L in range(cfg.num_hidden_layers):
+        block(f"layers.{L}.", cfg.ratio(L), cfg.hash_routed(L))
+    if cfg.num_nextn_predict_layers:
+        p = "mtp.0."
+        block(p, cfg.ratio(cfg.num_hidden_layers), False)   # MTP is never hash routed
+        fp8(f"{p}e_proj", D, D)
+        fp8(f"{p}h_proj", D, D)
+        for n in ("enorm", "hnorm", "norm"):
+            t(f"{p}{n}.weight", "BF16", D)
+        hc_head(p)
+    return out
+
+
+# ---------------------------------------------------------------------- reader
+@dataclass
+class _Entry:
+    spec: TensorSpec | None   # None when the header entry itself is unusable
+    file: str
+    begin: int = 0            # absolute byte offset in the file
+    problem: str | None = None
+
+
+class Checkpoint:
+    """Lazy view of a safetensors checkpoint: a directory (index + shards, or *.safetensors) or one file."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.problems: list[str] = []          # file-level problems
+        self._entries: dict[str, _Entry] = {}
+        self._maps: dict[str, np.memmap] = {}
+        self._bad_files: set[str] = set()
+        if self.path.is_file():
+            self._files = {self.path.name: self.path}
+            expected = None
+        elif self.path.is_dir():
+            expected, self._files = self._read_index()
+        else:
+            raise CheckpointError(f"no checkpoint at {self.path}")
+        for fname, fpath in self._files.items():
+            self._read_header(fname, fpath)
+        if expected is not None:
+            self._check_index(expected)
+
+    def _read_index(self):
+        idx = self.path / INDEX_NAME
+        if not idx.exists():
+            files = {p.name: p for p in sorted(self.path.glob("*.safetensors"))}
+            if not files:
+                raise CheckpointError(f"{self.path}: neither {INDEX_NAME} nor any *.safetensors file")
+            return None, files
+        try:
+            weight_map = json.loads(idx.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise TypeError("weight_map is not an object of tensor name → file name")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{idx}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        files = {}
+        for fname in sorted(set(weight_map.values())):
+            if (self.path / fname).is_file():
+                files[fname] = self.path / fname
+            else:
+                names = sorted(n for n, f in weight_map.items() if f == fname)
+                self.problems.append(f"{INDEX_NAME} names shard {fname!r}, which does not exist "
+                                     f"({len(names)} tensors, e.g. {names[0]})")
+                for n in names:
+                    self._entries[n] = _Entry(None, fname, problem=f"its shard {fname!r} does not exist")
+        return weight_map, files
+
+    def _read_header(self, fname: str, fpath: Path):
+        size = fpath.stat().st_size
+        try:
+            with open(fpath, "rb") as f:
+                if size < 8:
+                    raise ValueError(f"only {size} bytes, too short for a safetensors header")
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError(f"header length {n} exceeds the file size {size} (truncated or not safetensors)")
+                try:
+                    header = json.loads(f.read(n))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"header is not valid JSON ({e})") from None
+            if not isinstance(header, dict):
+                raise ValueError("header JSON is not an object")
+        except ValueError as e:
+            self.problems.append(f"{fname}: bad header: {e}")
+            self._bad_files.add(fname)
+            return
+        data_start, data_len, need = 8 + n, size - 8 - n, 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in self._entries:
+                self.problems.append(f"tensor {name} appears in both {self._entries[name].file} and {fname}")
+                continue
+            try:
+                spec = TensorSpec(name, info["dtype"], tuple(int(s) for s in info["shape"]))
+                b, e = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                self._entries[name] = _Entry(None, fname, problem=f"malformed header entry {info!r} in {fname}")
+                continue
+            entry = _Entry(spec, fname, data_start + b)
+            if spec.dtype not in NP_DTYPE:
+                entry.problem = f"unsupported dtype {spec.dtype} in {fname}"
+            elif e - b != spec.nbytes or b < 0:
+                entry.problem = f"data_offsets [{b}, {e}] in {fname} do not hold {spec} ({spec.nbytes} bytes)"
+            elif e > data_len:
+                entry.problem = f"data_offsets [{b}, {e}] lie beyond the end of {fname} (truncated)"
+            need = max(need, e)
+            self._entries[name] = entry
+        if need > data_len:
+            self.problems.append(f"{fname}: truncated: its header needs {need} data bytes, the file holds {data_len}")
+
+    def _check_index(self, weight_map: dict):
+        for name, entry in self._entries.items():
+            if entry.spec is not None and weight_map.get(name) != entry.file:
+                self.problems.append(f"tensor {name} is in {entry.file} but {INDEX_NAME} maps it to "
+                                     f"{weight_map.get(name)!r}")
+        for name, fname in weight_map.items():
+            if name not in self._entries:
+                why = (f"the header of {fname} is unreadable" if fname in self._bad_files
+                       else f"listed in {INDEX_NAME} but absent from {fname}")
+                self._entries[name] = _Entry(None, fname, problem=why)
+
+    # ------------------------------------------------------------------ access
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise CheckpointError(f"tensor {name!r} is not in the checkpoint {self.path}")
+        if entry.problem:
+            raise CheckpointError(f"tensor {name!r} cannot be read: {entry.problem}")
+        return entry
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._entry(name).spec
+
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy np.memmap view in the stored dtype (see the module docstring for the mapping)."""
+        entry = self._entry(name)
+        spec = entry.spec
+        if entry.file not in self._maps:
+            self._maps[entry.file] = np.memmap(self._files[entry.file], dtype=np.uint8, mode="r")
+        buf = self._maps[entry.file][entry.begin:entry.begin + spec.nbytes]
+        return buf.view(NP_DTYPE[spec.dtype]).reshape(spec.shape)
+
+    def array(self, name: str, dtype=np.float32) -> np.ndarray:
+        """Decoded values of a plain tensor (BF16/F8 decoded, ints cast); packed FP4 needs `quant_weight`."""
+        spec, raw = self.spec(name), self.raw(name)
+        if spec.dtype == "I8":
+            raise CheckpointError(f"tensor {name!r} is packed FP4 (I8); read it with quant_weight()")
+        decode = {"BF16": bf16_to_f32, "F8_E4M3": e4m3_to_f32, "F8_E8M0": e8m0_to_f32}.get(spec.dtype)
+        return (decode(raw) if decode else raw).astype(dtype)
+
+    def quant_weight(self, prefix: str) -> QuantWeight:
+        """`prefix.weight` (+ `prefix.scale`) as a QuantWeight: F8 → fp8, I8 → fp4, unscaled float → float."""
+        w, sname = self.spec(f"{prefix}.weight"), f"{prefix}.scale"
+        has_scale = sname in self._entries
+        kind = {("F8_E4M3", True): "fp8", ("I8", True): "fp4", ("BF16", False): "float",
+                ("F16", False): "float", ("F32", False): "float"}.get((w.dtype, has_scale))
+        if kind is None:
+            raise CheckpointError(f"{prefix}.weight is {w}{' with' if has_scale else ' without'} a .scale; "
+                                  "expected F8_E4M3 or I8 with a scale, or BF16/F16/F32 without")
+        scale = self.raw(sname) if has_scale else None
+        if scale is not None and self.spec(sname).dtype not in ("F8_E8M0", "F32"):
+            raise CheckpointError(f"{sname} is {self.spec(sname)}; expected F8_E8M0 or F32")
+        shape = (w.shape[0], w.shape[1] * 2) if kind == "fp4" else w.shape
+        try:
+            return QuantWeight(kind, self.raw(f"{prefix}.weight"), scale, shape)
+        except ValueError as e:
+            raise CheckpointError(f"{prefix}: {e}") from None
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, cfg: ModelConfig) -> None:
+        """Raise ONE CheckpointError listing every broken file and every tensor that differs from schema(cfg)."""
+        lines = list(self.problems)
+        expected = {s.name: s for s in schema(cfg)}
+        for name, want in expected.items():
+            entry = self._entries.get(name)
+            if entry is None:
+                lines.append(f"missing: {name} (expected {want})")
+            elif entry.problem:
+                lines.append(f"unreadable: {name}: {entry.problem}")
+            elif entry.spec.dtype != want.dtype:
+                lines.append(f"wrong dtype: {name}: expected {want.dtype}, found {entry.spec.dtype}")
+            elif entry.spec.shape != want.shape:
+                lines.append(f"wrong shape: {name}: expected {list(want.shape)}, found {list(entry.spec.shape)}")
+        for name in sorted(set(self._entries) - set(expected)):
+            entry = self._entries[name]
+            lines.append(f"unexpected: {name} ({entry.spec or entry.problem})")
+        if lines:
+            raise CheckpointError(f"checkpoint {self.path} does not match the config ({len(lines)} problems):\n  "
+                                  + "\n  ".join(lines))
+
+
+# ---------------------------------------------------------------------- writer
+def _check_raw(name: str, dtype: str, arr: np.ndarray) -> np.ndarray:
+    if dtype not in NP_DTYPE:
+        raise CheckpointError(f"{name}: unsupported dtype {dtype!r}; use one of {', '.join(NP_DTYPE)}")
+    want = NP_DTYPE[dtype]
+    arr = np.asarray(arr)
+    if dtype == "I8" and arr.dtype == np.int8:
+        arr = arr.view(np.uint8)
+    if arr.dtype.newbyteorder("<") != want.newbyteorder("<"):
+        raise CheckpointError(f"{name}: {dtype} must be given as raw {want} data, got {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=want)
+
+
+def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write `{name: (dtype_str, raw array)}` as one safetensors file (raw arrays as in `Checkpoint.raw`).
+
+    Tensors are laid out widest item first and the header is space-padded to 8 bytes, so every tensor
+    starts aligned and the memmap views the reader hands out are aligned too.
+    """
+    items = sorted(((n, d, _check_raw(n, d, a)) for n, (d, a) in tensors.items()), key=lambda x: -x[2].itemsize)
+    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+    for name, dtype, arr in items:
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for _, _, arr in items:
+            f.write(arr.reshape(-1).view(np.uint8).data)
+
+
+def save_sharded(out_dir, tensors: dict, max_shard_bytes: int) -> Path:
+    """Split tensors (in the given order) into `model-0000N-of-0000M.safetensors` shards of at most
+    `max_shard_bytes` each (a larger tensor gets a shard of its own), and write the official index."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards, size = [[]], 0
+    for name, (dtype, arr) in tensors.items():
+        nbytes = np.asarray(arr).nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors(out_dir / fname, {n: tensors[n] for n in names})
+        weight_map.update({n: fname for n in names})
+        total += sum(np.asarray(tensors[n][1]).nbytes for n in names)
+    index = out_dir / INDEX_NAME
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return index

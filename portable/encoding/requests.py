@@ -1,0 +1,277 @@
+"""OpenAI Chat Completions / Anthropic Messages requests -> encoder input (encoding spec §4).
+
+These are API-boundary conventions, not part of DeepSeek's reference; the decisions:
+
+* Thinking is on unless the request turns it off (DeepSeek API default for V4).  OpenAI side:
+  `thinking: {"type": "enabled"|"disabled"}`, else `chat_template_kwargs.thinking` /
+  `.enable_thinking`, and `reasoning_effort: "none"` means chat mode.  Anthropic side: the `thinking`
+  object (`enabled`/`adaptive` vs `disabled`).
+* `reasoning_effort` names are mapped onto the checkpoint's effort table, not passed through: on 2604
+  minimal/low/medium/high -> "high" (a no-op there), xhigh/max -> "max"; on 0731 minimal/low/medium ->
+  "low", high/xhigh -> "high", max -> "max".
+* OpenAI `developer` is a system prompt (V4's own `developer` role is a search-agent user turn).
+* Content-part lists: text parts joined by a blank line (like the encoder's block joining); any
+  non-text part (images, audio, files) is refused – V4 is a text model.
+* `tool_choice`: "auto"/absent keeps the tools, "none" omits them; "required" or a named tool is
+  refused, because the prompt format has no way to force a call.
+* `response_format`: json_schema -> its schema, json_object -> `{"type": "object"}`, rendered in the
+  system prompt's response-format section.
+* OpenAI `prefix: true` on the final assistant message and an Anthropic final assistant message
+  (prefill) both become `wo_eos`: the model continues that text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .encoder import flatten_content
+from .errors import RequestError
+
+EFFORT_ALIASES = {
+    "2604": {"minimal": "high", "low": "high", "medium": "high", "high": "high", "xhigh": "max",
+             "max": "max"},
+    "0731": {"minimal": "low", "low": "low", "medium": "low", "high": "high", "xhigh": "high",
+             "max": "max"},
+}
+
+
+@dataclass
+class EncoderInput:
+    """Keyword arguments for `encode_messages` / `Tokenizer.encode_messages` (`**as_kwargs()`)."""
+
+    messages: list
+    thinking_mode: str = "thinking"
+    reasoning_effort: str | None = None
+    drop_thinking: bool = True
+    tools: list | None = None
+    effort_table: str = "2604"
+
+    def as_kwargs(self) -> dict:
+        return asdict(self)
+
+
+def map_reasoning_effort(effort, effort_table: str = "2604"):
+    """An API effort name -> a value of the checkpoint's effort table (None stays None)."""
+    if effort is None:
+        return None
+    aliases = EFFORT_ALIASES.get(effort_table.removeprefix("dsv4-"))
+    if aliases is None:
+        raise RequestError(f"unknown effort table {effort_table!r}")
+    if effort not in aliases:
+        raise RequestError(f"reasoning_effort {effort!r} is not supported "
+                           f"(use one of {', '.join(aliases)} or 'none')")
+    return aliases[effort]
+
+
+# ---------------------------------------------------------------- OpenAI
+
+
+def from_openai(request: dict, effort_table: str = "2604", default_thinking: bool = True) -> EncoderInput:
+    """Map an OpenAI/DeepSeek chat-completions request body to encoder input."""
+    raw = request.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("messages must be a non-empty list")
+    kwargs = request.get("chat_template_kwargs") or {}
+    thinking = _openai_thinking(request, kwargs, default_thinking)
+    effort = request.get("reasoning_effort")
+    if effort == "none":
+        thinking, effort = False, None
+    messages = [_openai_message(m, is_last=k == len(raw) - 1) for k, m in enumerate(raw)]
+    _attach_response_format(messages, request.get("response_format"))
+    tools = _tools_for_choice(_openai_tools(request.get("tools")), request.get("tool_choice"))
+    return EncoderInput(messages=messages, thinking_mode="thinking" if thinking else "chat",
+                        reasoning_effort=map_reasoning_effort(effort, effort_table),
+                        drop_thinking=bool(kwargs.get("drop_thinking", True)), tools=tools,
+                        effort_table=effort_table)
+
+
+def _openai_thinking(request, kwargs, default):
+    switch = request.get("thinking")
+    if isinstance(switch, dict) and "type" in switch:
+        if switch["type"] not in ("enabled", "disabled"):
+            raise RequestError(f"thinking.type must be 'enabled' or 'disabled', got {switch['type']!r}")
+        return switch["type"] == "enabled"
+    for key in ("thinking", "enable_thinking"):
+        if key in kwargs:
+            return bool(kwargs[key])
+    return default
+
+
+def _openai_message(m, is_last):
+    if not isinstance(m, dict):
+        raise RequestError("each message must be an object")
+    role = m.get("role")
+    if role in ("system", "developer"):
+        return {"role": "system", "content": _text_only(m.get("content"), role)}
+    if role == "user":
+        return {"role": "user", "content": _text_only(m.get("content"), role)}
+    if role == "tool":
+        return {"role": "tool", "tool_call_id": m.get("tool_call_id") or "",
+                "content": _text_only(m.get("content"), role)}
+    if role == "assistant":
+        out = {"role": "assistant", "content": _text_only(m.get("content"), role),
+               "reasoning_content": m.get("reasoning_content", m.get("reasoning")) or ""}
+        if m.get("tool_calls"):
+            out["tool_calls"] = [_openai_tool_call(c) for c in m["tool_calls"]]
+        if m.get("prefix"):
+            if not is_last:
+                raise RequestError("prefix: true is only allowed on the last message")
+            out["wo_eos"] = True
+        return out
+    raise RequestError(f"unsupported message role {role!r}")
+
+
+def _openai_tool_call(call):
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise RequestError("each tool call needs function.name")
+    return {"id": call.get("id"), "type": "function",
+            "function": {"name": function["name"], "arguments": function.get("arguments")}}
+
+
+def _openai_tools(tools):
+    if not tools:
+        return None
+    for tool in tools:
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" \
+                or not isinstance(tool.get("function"), dict):
+            raise RequestError("only function tools are supported: {'type': 'function', 'function': {...}}")
+    return [{"type": "function", "function": tool["function"]} for tool in tools]
+
+
+def _tools_for_choice(tools, choice):
+    if choice in (None, "auto") or (isinstance(choice, dict) and choice.get("type") == "auto"):
+        return tools
+    if choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none"):
+        return None
+    raise RequestError("tool_choice 'required' or a named tool cannot be honoured by DeepSeek V4; "
+                       "use 'auto' or 'none'")
+
+
+def _attach_response_format(messages, response_format):
+    if not response_format or response_format.get("type", "text") == "text":
+        return
+    if response_format["type"] == "json_object":
+        schema = {"type": "object"}
+    elif response_format["type"] == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if schema is None:
+            raise RequestError("response_format json_schema needs json_schema.schema")
+    else:
+        raise RequestError(f"unsupported response_format type {response_format['type']!r}")
+    if messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": ""})
+    messages[0]["response_format"] = schema
+
+
+def _text_only(content, role):
+    """Content as a string; only text parts are allowed in part lists."""
+    if isinstance(content, list):
+        for part in content:
+            if not (isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text")):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RequestError(f"{role} content part of type {kind!r} is not supported "
+                                   "(DeepSeek V4 is a text model)")
+    elif content is not None and not isinstance(content, str):
+        raise RequestError(f"{role} content must be a string or a list of parts")
+    return flatten_content(content)
+
+
+# ---------------------------------------------------------------- Anthropic
+
+
+def from_anthropic(request: dict, effort_table: str = "2604", default_thinking: bool = True) -> EncoderInput:
+    """Map an Anthropic Messages request body to encoder input."""
+    raw = request.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("messages must be a non-empty list")
+    messages = []
+    if request.get("system"):
+        messages.append({"role": "system", "content": _text_only(request["system"], "system")})
+    for k, m in enumerate(raw):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role == "user":
+            messages.extend(_anthropic_user(m.get("content")))
+        elif role == "assistant":
+            messages.append(_anthropic_assistant(m.get("content"), prefill=k == len(raw) - 1))
+        else:
+            raise RequestError(f"unsupported message role {role!r}")
+    tools = _tools_for_choice(_anthropic_tools(request.get("tools")), request.get("tool_choice"))
+    return EncoderInput(messages=messages, thinking_mode="thinking" if _anthropic_thinking(
+        request.get("thinking"), default_thinking) else "chat", tools=tools, effort_table=effort_table)
+
+
+def _anthropic_thinking(switch, default):
+    if not isinstance(switch, dict):
+        return default
+    if switch.get("type") not in ("enabled", "adaptive", "disabled"):
+        raise RequestError(f"unsupported thinking type {switch.get('type')!r}")
+    return switch["type"] != "disabled"
+
+
+def _blocks(content):
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise RequestError("content must be a string or a list of blocks")
+    return content
+
+
+def _anthropic_user(content):
+    """User blocks -> user messages and tool messages, in block order."""
+    out, texts = [], []
+    for block in _blocks(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(block.get("text") or "")
+        elif kind == "tool_result":
+            if texts:
+                out.append({"role": "user", "content": "\n\n".join(texts)})
+                texts = []
+            result = block.get("content")
+            out.append({"role": "tool", "tool_call_id": block.get("tool_use_id") or "",
+                        "content": _text_only(_blocks(result) if result is not None else None, "tool_result")})
+        else:
+            raise RequestError(f"user content block of type {kind!r} is not supported "
+                               "(DeepSeek V4 is a text model)")
+    if texts or not out:
+        out.append({"role": "user", "content": "\n\n".join(texts)})
+    return out
+
+
+def _anthropic_assistant(content, prefill):
+    texts, thoughts, calls = [], [], []
+    for block in _blocks(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(block.get("text") or "")
+        elif kind == "thinking":
+            thoughts.append(block.get("thinking") or "")
+        elif kind == "tool_use":
+            if not isinstance(block.get("name"), str):
+                raise RequestError("tool_use blocks need a string name")
+            calls.append({"id": block.get("id"), "type": "function",
+                          "function": {"name": block.get("name"), "arguments": block.get("input") or {}}})
+        elif kind != "redacted_thinking":  # opaque to us; nothing to render
+            raise RequestError(f"assistant content block of type {kind!r} is not supported")
+    out = {"role": "assistant", "content": "\n\n".join(texts), "reasoning_content": "\n\n".join(thoughts)}
+    if calls:
+        out["tool_calls"] = calls
+    if prefill:
+        out["wo_eos"] = True
+    return out
+
+
+def _anthropic_tools(tools):
+    if not tools:
+        return None
+    out = []
+    for tool in tools:
+        if not isinstance(tool, dict) or "input_schema" not in tool or not tool.get("name"):
+            raise RequestError("only custom tools with name and input_schema are supported")
+        function = {"name": tool["name"]}
+        if tool.get("description"):
+            function["description"] = tool["description"]
+        function["parameters"] = tool["input_schema"]
+        out.append({"type": "function", "function": function})
+    return out

