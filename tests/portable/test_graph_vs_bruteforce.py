@@ -10,6 +10,7 @@ import pytest
 import dsv4
 from dsv4.portable import quant
 from dsv4.portable.checkpoint import Checkpoint
+from dsv4.portable.tiny import ensure_tiny
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bruteforce  # noqa: E402
@@ -32,11 +33,12 @@ def dense_weights(path):
     return out
 
 
-@pytest.mark.parametrize("chunks", [[260], [100, 1, 1, 130, 28]])
-def test_graph_matches_bruteforce(tiny_any, rand_ids, chunks):
-    model = dsv4.load(tiny_any, dtype="float64", context=512)
+@pytest.mark.parametrize("name,chunks", [("tiny", [260]), ("tiny2", [100, 1, 1, 130, 28])])
+def test_graph_matches_bruteforce(name, chunks, rand_ids):
+    path = ensure_tiny(name)
+    model = dsv4.load(path, dtype="float64", context=512)
     ids = rand_ids(sum(chunks), seed=11)
-    ref = bruteforce.bruteforce_logits(model.config, dense_weights(tiny_any), ids)
+    ref = bruteforce.bruteforce_logits(model.config, dense_weights(path), ids)
     state, outs, a = model.new_state(1), [], 0
     for n in chunks:
         logits, state, _ = model.runner.step(state, ids[None, a:a + n])
