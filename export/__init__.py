@@ -1,1 +1,19 @@
-"""dsv4.export."""
+"""dsv4.export: the portable V4 graph lowered to ONNX.
+
+Design (why a recording `Ops` rather than torch.onnx over the CUDA backend): `export.onnx_ops.OnnxOps`
+implements the op interface by appending standard ONNX nodes, and `portable/graph.py` is run once on
+symbolic tensors (`export.symbolic`).  The exported graph is therefore the portable graph itself —
+window + CSA top-k + HCA + sink attention exactly as the reference computes them — with no second
+description to drift, and exporting needs only `onnx` (no torch, no GPU).  Batch and sequence length
+stay dynamic because sizes derived from them are tracked as symbolic `Dim`s; the state capacity
+(context) is fixed at export.  Weights stream into one external-data file (`export.weights`), so
+models far beyond protobuf's 2 GB limit export in bounded memory.
+
+Entry points: `export_onnx(src_dir, out_dir, dtype=..., context=..., mtp=..., progress=...)` and
+`estimate_size(src_dir, dtype, mtp)`; `manifest` is the directory format the ONNX backend reads.
+"""
+
+from .manifest import ExportError
+from .onnx_export import estimate_size, export_onnx
+
+__all__ = ["ExportError", "estimate_size", "export_onnx"]

@@ -12,7 +12,7 @@ from dsv4.export import ExportError, estimate_size, export_onnx
 from dsv4.portable.cache import mtp_state_spec, state_spec
 from dsv4.portable.config import ModelConfig
 
-from conftest import CONTEXT
+CONTEXT = 512          # state capacity of the test exports (small: the reference is slow at 4096)
 
 
 def _graph(path):
@@ -20,7 +20,7 @@ def _graph(path):
 
 
 def test_graph_is_standard_opset_and_passes_checker(tiny_any, onnx_export):
-    out = onnx_export(tiny_any)
+    out = onnx_export(tiny_any, CONTEXT)
     for f in ("model.onnx", "mtp.onnx"):
         onnx.checker.check_model(str(out / f), full_check=True)
         m = _graph(out / f)
@@ -29,7 +29,7 @@ def test_graph_is_standard_opset_and_passes_checker(tiny_any, onnx_export):
 
 
 def test_io_follows_the_state_schema_with_dynamic_batch_and_seq(tiny_any, onnx_export):
-    out = onnx_export(tiny_any)
+    out = onnx_export(tiny_any, CONTEXT)
     cfg = ModelConfig.from_file(tiny_any)
     g = _graph(out / "model.onnx").graph
     names = [b.name for b in state_spec(cfg, 1, CONTEXT)]
@@ -45,7 +45,7 @@ def test_io_follows_the_state_schema_with_dynamic_batch_and_seq(tiny_any, onnx_e
 
 
 def test_weights_are_external_and_the_graph_file_small(tiny_dir, onnx_export):
-    out = onnx_export(tiny_dir)
+    out = onnx_export(tiny_dir, CONTEXT)
     m = _graph(out / "model.onnx")
     big = [t for t in m.graph.initializer if "." in t.name]            # checkpoint tensors (constants: const_N)
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
@@ -55,7 +55,7 @@ def test_weights_are_external_and_the_graph_file_small(tiny_dir, onnx_export):
 
 
 def test_manifest_config_and_tokenizer(tiny_dir, onnx_export):
-    out = onnx_export(tiny_dir)
+    out = onnx_export(tiny_dir, CONTEXT)
     man = json.loads((out / "manifest.json").read_text())
     assert man["format"] == "dsv4-onnx" and man["dtype"] == "float32" and man["max_len"] == CONTEXT
     assert man["data"]["bytes"] == (out / "model.onnx.data").stat().st_size
@@ -84,7 +84,7 @@ def test_size_estimate_and_progress(tiny_dir, tmp_path):
 def test_half_precision_exports(tiny_dir, onnx_export, rand_ids, dtype):
     """Quantized weights are stored in the export dtype, float32 checkpoint tensors stay float32, and the
     logits follow the reference's bf16-rounding numerics (per-position noise of bf16, not garbage)."""
-    out = onnx_export(tiny_dir, dtype)
+    out = onnx_export(tiny_dir, CONTEXT, dtype)
     inits = {t.name: t.data_type for t in _graph(out / "model.onnx").graph.initializer}
     want = onnx.TensorProto.BFLOAT16 if dtype == "bfloat16" else onnx.TensorProto.FLOAT16
     assert inits["layers.0.ffn.experts.0.w1.weight.T"] == want

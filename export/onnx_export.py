@@ -1,0 +1,122 @@
+"""Export a V4 checkpoint to ONNX: the portable graph recorded by `OnnxOps`, weights as external data.
+
+One graph serves prefill and decode: `input_ids` [batch, seq] with both sizes dynamic, the state buffers
+of `portable/cache.py` as inputs (`past.*`, in `state_spec` order; `past.start` holds each sequence's
+position) and as outputs (`present.*`), plus `logits` [batch, seq, vocab] in float32.  The state
+capacity (max_len) is fixed at export because buffer shapes and the indexer's top-k width derive from
+it.  With MTP, the main graph also returns `hidden_streams` and `mtp.onnx` takes them with the next
+token ids and its own state.  Only standard-domain operators of opset 21 are emitted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+
+from ..portable import cache, graph
+from ..portable.checkpoint import Checkpoint
+from ..portable.config import ModelConfig
+from .manifest import MANIFEST, ExportError, state_entries, write_manifest
+from .onnx_ops import OnnxOps
+from .symbolic import FLOAT, INT64, Graph, Sym
+from .weights import STORAGE, ExportWeights, ExternalData, TensorSource
+
+OPSET = 21
+DATA_FILE = "model.onnx.data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _record(cfg: ModelConfig, data: ExternalData, dtype: str, max_len: int, mtp: bool, streams_out: bool):
+    """Record the main forward (mtp=False) or the MTP block; returns (ModelProto, IO description)."""
+    g = Graph("dsv4_mtp" if mtp else "dsv4_main")
+    o, W = OnnxOps(g, dtype), ExportWeights(g, data)
+    hc, dim = cfg.hc_mult, cfg.hidden_size
+    g.add_input("input_ids", INT64, ["batch", "seq"])
+    ids = Sym(g, "input_ids", (), INT64)
+    b, s = g.dim_of(ids, 0), g.dim_of(ids, 1)
+    ids.shape = (b, s)
+    io = {"inputs": {"ids": "input_ids"}, "outputs": {"logits": "logits"}}
+    specs = (cache.mtp_state_spec if mtp else cache.state_spec)(cfg, 1, max_len)
+    entries = state_entries(specs)
+    state = {}
+    for spec, e in zip(specs, entries):
+        t = INT64 if spec.kind == "int" else FLOAT
+        g.add_input(e["input"], t, e["shape"])
+        state[spec.name] = Sym(g, e["input"], (b, *spec.shape[1:]), t)
+    if mtp:
+        g.add_input("hidden_streams", FLOAT, ["batch", "seq", hc, dim])
+        io["inputs"]["streams"] = "hidden_streams"
+        logits, new = graph.mtp_forward(o, W, cfg, state, Sym(g, "hidden_streams", (b, s, hc, dim), FLOAT), ids)
+    else:
+        logits, new, streams = graph.forward(o, W, cfg, state, ids)
+    g.add_output("logits", logits, ["batch", "seq", cfg.vocab_size])
+    for e in entries:
+        g.add_output(e["output"], new[e["name"]], e["shape"])
+    if streams_out:
+        g.add_output("hidden_streams", streams, ["batch", "seq", hc, dim])
+        io["outputs"]["streams"] = "hidden_streams"
+    io["state"] = entries
+    return g.model(OPSET), io
+
+
+def _used_names(src: TensorSource, mtp: bool) -> list[str]:
+    return sorted(n for n in src.names if not n.endswith(".scale") and (mtp or not n.startswith("mtp.")))
+
+
+def estimate_size(src_dir, dtype: str = "float32", mtp: bool = True) -> int:
+    """Bytes the export's weight data will take (the graphs themselves add well under 1%)."""
+    src = TensorSource(Checkpoint(src_dir), dtype)
+    return sum(src.stored_bytes(n) for n in _used_names(src, mtp))
+
+
+def export_onnx(src_dir, out_dir, dtype: str = "float32", context: int | None = None, mtp: bool = True,
+                progress=None, overwrite: bool = False, check: bool = True) -> Path:
+    """Export the checkpoint at `src_dir` into `out_dir`; returns `out_dir`.
+
+    context: the state capacity in tokens (default min(max_position_embeddings, 16384), as `dsv4.load`).
+    mtp: also export the MTP block as `mtp.onnx` (when the checkpoint has one).
+    progress: called as progress(bytes_written, bytes_total) while weights are written.
+    """
+    if dtype not in STORAGE:
+        raise ExportError(f"export dtype must be one of {', '.join(STORAGE)}, got {dtype!r}")
+    src, out = Path(src_dir), Path(out_dir)
+    cfg = ModelConfig.from_file(src)
+    ckpt = Checkpoint(src)
+    ckpt.validate(cfg)
+    max_len = int(context or min(cfg.max_position_embeddings, 16384))
+    if not 0 < max_len <= cfg.max_position_embeddings:
+        raise ExportError(f"context must be in 1..{cfg.max_position_embeddings}, got {max_len}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} is not empty; choose another directory or pass overwrite=True")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (MANIFEST, "model.onnx", "mtp.onnx", DATA_FILE):
+        (out / stale).unlink(missing_ok=True)
+    mtp = mtp and cfg.num_nextn_predict_layers > 0
+    source = TensorSource(ckpt, dtype)
+    total = sum(source.stored_bytes(n) for n in _used_names(source, mtp))
+    data = ExternalData(out / DATA_FILE, source, progress, total)
+    graphs = {}
+    try:
+        for name, file, is_mtp in [("main", "model.onnx", False)] + ([("mtp", "mtp.onnx", True)] if mtp else []):
+            model, io = _record(cfg, data, dtype, max_len, is_mtp, streams_out=mtp and not is_mtp)
+            (out / file).write_bytes(model.SerializeToString())
+            graphs[name] = {"file": file, **io}
+    finally:
+        data.close()
+    if progress:
+        progress(total, total)
+    cfg_dict = {**cfg.to_dict(), "max_position_embeddings": max_len}
+    (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+    tokenizer = [f for f in TOKENIZER_FILES if (src / f).exists()]
+    for f in tokenizer:
+        shutil.copy(src / f, out / f)
+    write_manifest(out, {"dtype": dtype, "opset": OPSET, "max_len": max_len, "config": cfg_dict,
+                         "graphs": graphs, "data": {"file": DATA_FILE, "bytes": data.offset},
+                         "tokenizer": tokenizer})
+    if check:
+        for g in graphs.values():
+            onnx.checker.check_model(str(out / g["file"]))
+    return out

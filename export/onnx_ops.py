@@ -1,0 +1,209 @@
+"""`Ops` that record ONNX nodes: every primitive maps to one standard ONNX operator (opset 21).
+
+The composites of `portable/ops.py` (rms_norm, rope, mHC, sink attention, indexer top-k, compressor
+pooling, experts) are inherited unchanged, so the exported graph is the portable decomposition itself.
+Two are specialised, both exact rewrites of the default:
+* `linear` multiplies by a weight stored transposed (see `weights.py`), avoiding a Transpose node.
+* `moe` routes sparsely: each expert runs only on the tokens routed to it (NonZero + Gather, then
+  ScatterND-add back), instead of the default dense loop that runs every expert on every token.  Per
+  token this is the same sum of the same expert outputs; with E = 256 experts and a one-token decode
+  step it is the difference between 256 and 6 expert evaluations.
+
+`scatter_rows` is a ScatterND whose masked writes may repeat one index (the state's spare last row, see
+portable/cache.py).  The spare row is never read, so which duplicate write lands there cannot change
+any result; onnxruntime's CPU kernel applies them in order, like NumPy, so even that row matches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from ..portable.ops import Ops
+from .symbolic import BOOL, FLOAT, INT64, Dim, Graph, Sym, TraceError, broadcast, is_int
+from .weights import Weight
+
+_KIND = {"float": FLOAT, "int": INT64, "bool": BOOL}
+_NP = {"float": np.float32, "int": np.int64, "bool": np.bool_}
+ACT_TYPES = {"float32": None, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+
+
+class OnnxOps(Ops):
+    name = "onnx-export"
+
+    def __init__(self, g: Graph, dtype: str = "float32"):
+        self.g = g
+        self.act_type = ACT_TYPES[dtype]
+
+    # dtype points: compute is float32; act() rounds to the export dtype like the reference's bf16 mode
+    def act(self, x):
+        if self.act_type is None or x.dtype != FLOAT:
+            return x
+        return self._unary("Cast", self._unary("Cast", x, to=self.act_type), to=FLOAT)
+
+    # ------------------------------------------------------------------ helpers
+    def _unary(self, op, x, **attrs):
+        return self.g.op(op, [x], x.shape, attrs.get("to", x.dtype) if op == "Cast" else x.dtype, **attrs)
+
+    def _axes(self, axis):
+        return self.g.const(np.asarray([axis], dtype=np.int64))
+
+    # ------------------------------------------------------------------ primitives
+    def asarray(self, x, kind="float"):
+        return self.g.const(np.asarray(x, dtype=_NP[kind]))
+
+    def to_numpy(self, x):
+        raise TraceError("tensor values do not exist while recording an ONNX graph")
+
+    def full(self, shape, value, kind="float"):
+        val = helper.make_tensor("value", _KIND[kind], [1], [value])
+        return self.g.op("ConstantOfShape", [self.g.vec(shape)], shape, _KIND[kind], value=val)
+
+    def zeros(self, shape, kind="float"):
+        return self.full(shape, 0, kind)
+
+    def arange(self, n):
+        if is_int(n):
+            return self.g.const(np.arange(n, dtype=np.int64))
+        g = self.g
+        return g.op("Range", [g.scalar(0), g.scalar(n), g.scalar(1)], (n,), INT64)
+
+    def to_float(self, x):
+        return self._unary("Cast", x, to=FLOAT)
+
+    def matmul(self, a, b):
+        shape = broadcast(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+        return self.g.op("MatMul", [a, b], shape, FLOAT)
+
+    def exp(self, x): return self._unary("Exp", x)
+    def log(self, x): return self._unary("Log", x)
+    def sqrt(self, x): return self._unary("Sqrt", x)
+    def abs(self, x): return self._unary("Abs", x)
+    def cos(self, x): return self._unary("Cos", x)
+    def sin(self, x): return self._unary("Sin", x)
+
+    def maximum(self, a, b):
+        return self.g.binary("Max", a, b)
+
+    def minimum(self, a, b):
+        return self.g.binary("Min", a, b)
+
+    def where(self, cond, a, b):
+        like = a if isinstance(a, Sym) else b
+        a, b = self.g.lift(a, like), self.g.lift(b, like)
+        return self.g.op("Where", [cond, a, b], broadcast(cond.shape, broadcast(a.shape, b.shape)), a.dtype)
+
+    def _reduce(self, op, x, axis, keepdims):
+        axis = axis % x.ndim
+        shape = x.shape[:axis] + ((1,) if keepdims else ()) + x.shape[axis + 1:]
+        return self.g.op(op, [x, self._axes(axis)], shape, x.dtype, keepdims=int(keepdims))
+
+    def sum(self, x, axis, keepdims=False):
+        return self._reduce("ReduceSum", x, axis, keepdims)
+
+    def max(self, x, axis, keepdims=False):
+        return self._reduce("ReduceMax", x, axis, keepdims)
+
+    def reshape(self, x, shape):
+        shape = list(shape)
+        holes = [i for i, d in enumerate(shape) if is_int(d) and d == -1]
+        if len(holes) > 1:
+            raise TraceError(f"reshape to {shape}: at most one -1")
+        out = list(shape)
+        if holes:
+            out[holes[0]] = self._infer_hole(x.shape, [d for i, d in enumerate(shape) if i != holes[0]])
+        y = self.g.op("Reshape", [x, self.g.vec(shape)], out, x.dtype)
+        if holes and out[holes[0]] is None:
+            y.shape = tuple(self.g.dim_of(y, i) if d is None else d for i, d in enumerate(out))
+        return y
+
+    @staticmethod
+    def _infer_hole(src, known):
+        """The size a −1 stands for when it follows from the shapes alone (None: read it at run time)."""
+        dims = list(src)
+        ints_known = 1
+        for d in known:
+            if is_int(d):
+                ints_known *= d
+                continue
+            match = next((i for i, s in enumerate(dims) if isinstance(s, Dim) and s.key == d.key), None)
+            if match is None:
+                return None
+            dims.pop(match)
+        total = 1
+        for d in dims:
+            total = total * d
+        if is_int(total):
+            return total // ints_known
+        scale = math.prod(d for d in dims if is_int(d))
+        if scale % ints_known:
+            return None
+        sym = 1
+        for d in dims:
+            if not is_int(d):
+                sym = sym * d
+        return sym * (scale // ints_known)
+
+    def transpose(self, x, axes):
+        return self.g.op("Transpose", [x], tuple(x.shape[a] for a in axes), x.dtype, perm=list(axes))
+
+    def concat(self, xs, axis):
+        axis = axis % xs[0].ndim
+        size = 0
+        for x in xs:
+            size = size + x.shape[axis]
+        shape = xs[0].shape[:axis] + (size,) + xs[0].shape[axis + 1:]
+        return self.g.op("Concat", list(xs), shape, xs[0].dtype, axis=axis)
+
+    def broadcast_to(self, x, shape):
+        return self.g.op("Expand", [x, self.g.vec(shape)], shape, x.dtype)
+
+    def take(self, x, idx, axis=0):
+        axis = axis % x.ndim
+        return self.g.op("Gather", [x, idx], x.shape[:axis] + idx.shape + x.shape[axis + 1:], x.dtype, axis=axis)
+
+    def take_along_axis(self, x, idx, axis=-1):
+        return self.g.op("GatherElements", [x, idx], idx.shape, x.dtype, axis=axis % x.ndim)
+
+    def _unsqueeze_last(self, idx):
+        return self.g.op("Unsqueeze", [idx, self._axes(-1)], idx.shape + (1,), idx.dtype)
+
+    def gather_rows(self, x, idx):
+        return self.g.op("GatherND", [x, self._unsqueeze_last(idx)], idx.shape + x.shape[2:], x.dtype, batch_dims=1)
+
+    def scatter_rows(self, buf, idx, rows):
+        b, m = idx.shape
+        bi = self.broadcast_to(self.reshape(self.arange(b), [b, 1, 1]), [b, m, 1])
+        ind = self.concat([bi, self._unsqueeze_last(idx)], -1)
+        return self.g.op("ScatterND", [buf, ind, rows], buf.shape, buf.dtype)
+
+    def topk(self, x, k):
+        kk = self.g.const(np.asarray([k], dtype=np.int64))
+        _, ind = self.g.node("TopK", [x, kk], n_out=2, axis=-1, largest=1, sorted=1)
+        return Sym(self.g, ind, x.shape[:-1] + (k,), INT64)
+
+    def dense(self, w):
+        return w
+
+    # ------------------------------------------------------------------ specialised composites
+    def linear(self, x, w):
+        if isinstance(w, Weight) and w.ndim == 2:
+            return self.matmul(x, w.transposed())
+        return super().linear(x, w)
+
+    def moe(self, x, idx, wts, experts, limit):
+        """Sparse routing: expert e sees only its tokens; results are added back per token (exact)."""
+        g = self.g
+        n, d = x.shape
+        out = self.zeros((n, d))
+        for e in range(len(experts)):
+            coef = self.sum(self.where(idx == e, wts, 0.0), -1)                      # [N]
+            hit = self.max(self.where(idx == e, g.const(np.int64(1)), 0), -1)            # [N] 0/1
+            nz = g.op("NonZero", [hit], (1, None), INT64)                           # [1, n_e]
+            tok = g.op("Reshape", [nz, g.vec([-1])], (None,), INT64)
+            tok.shape = (g.dim_of(tok, 0),)
+            y = self.expert(self.take(x, tok, 0), *experts[e], limit, coef=self.take(coef, tok, 0))
+            out = g.op("ScatterND", [out, self._unsqueeze_last(tok), y], (n, d), FLOAT, reduction="add")
+        return out

@@ -1,0 +1,165 @@
+"""Checkpoint tensors → ONNX initializers stored as external data, written as the recorder asks for them.
+
+Why stream to our own data file instead of `onnx.save(..., save_as_external_data=True)`: that path
+builds every tensor inside one in-memory ModelProto first, which for V4 Flash (hundreds of GB once
+dequantized) is impossible.  Here each tensor is decoded, converted and appended to `model.onnx.data`
+the first time the graph uses it, and the initializer only records (location, offset, length); the
+graph proto stays small whatever the model size, and the main and MTP graphs share one data file.
+
+Storage precision: FP8/FP4/BF16 weights are dequantized to the export dtype (float32, float16 or
+bfloat16); tensors the checkpoint keeps in float32 (mHC parameters, sinks, compressor `ape`, ...) stay
+float32, exactly as the reference backend sees them; integer tables (hash routing) stay int64.  The
+graph casts stored values to float32 where they are used, so compute is float32 for every export dtype.
+
+Linear weights are stored transposed ([in, out]) when the graph only uses them through `Ops.linear`,
+so the exported MatMul needs no Transpose node that a runtime would have to fold at load time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from ..portable import quant
+from .symbolic import FLOAT, INT64, Graph, Sym
+
+STORAGE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+_ITEM = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.INT64: 8}
+_BIG = 1 << 20          # tensors at least this large start on a 64 KiB boundary (mmap-friendly)
+
+
+def _encode(arr: np.ndarray, dtype: int) -> bytes:
+    if dtype == TensorProto.BFLOAT16:
+        return quant.f32_to_bf16(arr).astype("<u2").tobytes()
+    if dtype == TensorProto.FLOAT16:
+        return arr.astype("<f2").tobytes()
+    if dtype == TensorProto.INT64:
+        return arr.astype("<i8").tobytes()
+    return arr.astype("<f4").tobytes()
+
+
+class TensorSource:
+    """What each checkpoint tensor becomes in the export: its graph-visible shape/type and stored bytes."""
+
+    def __init__(self, ckpt, dtype: str):
+        if dtype not in STORAGE:
+            raise ValueError(f"export dtype must be one of {', '.join(STORAGE)}, got {dtype!r}")
+        self.ckpt, self.dtype = ckpt, dtype
+        self.names = set(ckpt.names())
+
+    def is_quantized(self, name: str) -> bool:
+        return name.endswith(".weight") and name[:-7] + ".scale" in self.names
+
+    def logical(self, name: str) -> tuple[tuple, int]:
+        """(shape, element type) of a tensor as the graph sees it (FLOAT or INT64)."""
+        if self.is_quantized(name):
+            return self.ckpt.quant_weight(name[:-7]).shape, FLOAT
+        spec = self.ckpt.spec(name)
+        return spec.shape, INT64 if spec.dtype in ("I64", "I32") else FLOAT
+
+    def storage(self, name: str) -> int:
+        if self.is_quantized(name):
+            return STORAGE[self.dtype]
+        spec = self.ckpt.spec(name)
+        if spec.dtype in ("I64", "I32"):
+            return TensorProto.INT64
+        return TensorProto.FLOAT if spec.dtype == "F32" else STORAGE[self.dtype]
+
+    def values(self, name: str) -> np.ndarray:
+        if self.is_quantized(name):
+            return quant.dequantize(self.ckpt.quant_weight(name[:-7]), np.float32)
+        if self.ckpt.spec(name).dtype in ("I64", "I32"):
+            return np.asarray(self.ckpt.raw(name), dtype=np.int64)
+        return self.ckpt.array(name, np.float32)
+
+    def stored_bytes(self, name: str) -> int:
+        shape, _ = self.logical(name)
+        return int(np.prod(shape)) * _ITEM[self.storage(name)]
+
+
+class ExternalData:
+    """The shared `model.onnx.data` file: one stored copy per (tensor, layout), however many graphs use it."""
+
+    def __init__(self, path, source: TensorSource, progress=None, total: int = 0):
+        self.path, self.source = path, source
+        self._file = open(path, "wb")
+        self.offset = 0
+        self._written: dict = {}
+        self.progress, self.total = progress, total
+
+    def close(self) -> None:
+        self._file.close()
+
+    def tensor(self, name: str, transposed: bool) -> TensorProto:
+        """The initializer (external reference) for `name`, written on first use."""
+        key = (name, transposed)
+        if key not in self._written:
+            arr = self.source.values(name)
+            if transposed:
+                arr = np.ascontiguousarray(arr.T)
+            dtype = self.source.storage(name)
+            data = _encode(arr, dtype)
+            align = 65536 if len(data) >= _BIG else 64
+            pad = -self.offset % align
+            self._file.write(b"\0" * pad + data)
+            self.offset += pad
+            t = TensorProto(name=name + (".T" if transposed else ""), data_type=dtype, dims=list(arr.shape),
+                            data_location=TensorProto.EXTERNAL)
+            for k, v in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+            self.offset += len(data)
+            self._written[key] = t
+            if self.progress:
+                self.progress(min(self.offset, self.total), self.total)
+        return self._written[key]
+
+
+class Weight(Sym):
+    """A checkpoint tensor seen by the graph; its initializer is emitted only when (and as) it is used."""
+
+    __slots__ = ("store", "wname", "_t")
+
+    def __init__(self, store: "ExportWeights", wname: str, shape, dtype):
+        super().__init__(store.g, None, shape, dtype)
+        self.store, self.wname, self._t = store, wname, None
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            self._name = self.store.materialize(self.wname, transposed=False)
+        return self._name
+
+    def transposed(self) -> Sym:
+        """The 2-D weight as [in, out], stored that way (no Transpose node)."""
+        if self._t is None:
+            self._t = Sym(self.g, self.store.materialize(self.wname, transposed=True), self.shape[::-1], self.dtype)
+        return self._t
+
+
+class ExportWeights:
+    """The graph's weight store `W` during recording: `W[name]` and `W.experts(prefix)` like the reference."""
+
+    def __init__(self, g: Graph, data: ExternalData):
+        self.g, self.data = g, data
+        self._cache: dict = {}
+        self._added: set = set()
+
+    def __getitem__(self, name: str) -> Weight:
+        if name not in self._cache:
+            shape, dtype = self.data.source.logical(name)
+            self._cache[name] = Weight(self, name, shape, dtype)
+        return self._cache[name]
+
+    def materialize(self, name: str, transposed: bool) -> str:
+        t = self.data.tensor(name, transposed)
+        if t.name not in self._added:
+            self._added.add(t.name)
+            self.g.initializers.append(t)
+        if t.data_type in (FLOAT, INT64):
+            return t.name
+        return self.g.node("Cast", [t.name], to=FLOAT)[0]
+
+    def experts(self, prefix: str) -> list[tuple]:
+        n = sum(1 for k in self.data.source.names if k.startswith(prefix) and k.endswith(".w1.weight"))
+        return [tuple(self[f"{prefix}{e}.{w}.weight"] for w in ("w1", "w2", "w3")) for e in range(n)]
