@@ -28,3 +28,18 @@ def rand_ids():
     def make(n, seed=0, vocab=1024):
         return np.random.default_rng(seed).integers(3, vocab, n)
     return make
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory):
+    """onnx_export(checkpoint_dir, context, dtype="float32", mtp=True) → export directory, made once per
+    session per (checkpoint, context, dtype, mtp)."""
+    from dsv4.export import export_onnx
+    made = {}
+
+    def get(ckpt_dir, context, dtype="float32", mtp=True):
+        key = (str(ckpt_dir), context, dtype, mtp)
+        if key not in made:
+            made[key] = export_onnx(ckpt_dir, tmp_path_factory.mktemp("onnx"), dtype=dtype, context=context, mtp=mtp)
+        return made[key]
+    return get
