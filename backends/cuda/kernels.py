@@ -1,0 +1,475 @@
+"""Triton kernels for V4's hot composites, with torch wrappers that match the `Ops` composite signatures.
+
+Each wrapper returns exactly what the default decomposition in `portable.ops` returns (before the final
+`act` rounding, which `TorchOps` applies), so the decomposition is the kernel's reference.  All kernels
+compute in float32 and accept float32 or bfloat16 activations/state; `TRITON_INTERPRET=1` runs them on
+the CPU (that is how they are tested without a GPU).
+
+* `sink_attention` — one program per (query, block of heads); online softmax over the query's index
+  list in blocks, started from the sink logit (m = sink, l = 1), so the sink only enlarges the
+  denominator and an all −1 list gives exactly 0.  Decode and prefill are the same kernel.
+* `indexer_topk` — a scores kernel (ReLU(q·k)·w summed over indexer heads, −inf past `visible`)
+  over (query, key block) tiles, then one selection program per query: a 32-step radix select of the
+  k-th largest score on order-preserving integer keys, then a stable pass emitting every index above it
+  plus the lowest-index ties, in ascending index order (the set equals the stable top-k of §11.1b).
+* `hc_pre` / `hc_post` — mHC collapse (RMS, mixing projection, sigmoids, Sinkhorn on the hc×hc matrix
+  in registers, weighted sum of streams) and expand, one program per token (per D-block for expand).
+* `moe` — routed (token, expert) pairs sorted by expert and padded per expert to the row tile; a fused
+  gate/up GEMM + clamped SwiGLU + routing weight, then the down GEMM; FP4 (e2m1 + per-32 scale) and FP8
+  (e4m3 + 128×128 scale) weights are decoded from their bytes inside the GEMM loop.  Every size is an
+  upper bound computed on the host from shapes only, so the launch is CUDA-graph capturable.
+* `fp8_linear` — y = x·Wᵀ with e4m3 bytes and block scales decoded in the K loop.
+
+GEMM precision: float32 runs use `input_precision="ieee"` (exact fp32 products); with `bf16_dot=True`
+operands go to the tensor cores as bf16 (exact for e4m3/e2m1 weights and bf16-rounded activations).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...portable import quant
+
+
+# The interpreter pays per op, not per element: bigger tiles there keep CPU tests fast (same code paths).
+_TILE = 128 if os.environ.get("TRITON_INTERPRET") == "1" else 64
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Uninitialized output buffer (one place, so tests can poison every output before a kernel runs)."""
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def _p2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+# ====================================================================== shared device helpers
+@triton.jit
+def _mm(a, b, BF16: tl.constexpr):
+    if BF16:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _e4m3(b):
+    """e4m3fn byte (as int32) → float32 (0x7F/0xFF never occur in weights: NaN codes)."""
+    s = tl.where((b & 0x80) != 0, -1.0, 1.0)
+    e = (b >> 3) & 0xF
+    m = (b & 0x7).to(tl.float32)
+    mag = tl.where(e == 0, m * 0.001953125, (1.0 + m * 0.125) * tl.exp2((e - 7).to(tl.float32)))
+    return s * mag
+
+
+@triton.jit
+def _e2m1(n):
+    """e2m1 nibble (int32 0..15) → float32."""
+    s = tl.where((n & 0x8) != 0, -1.0, 1.0)
+    e = (n >> 1) & 0x3
+    m = (n & 0x1).to(tl.float32)
+    mag = tl.where(e == 0, m * 0.5, (1.0 + m * 0.5) * tl.exp2((e - 1).to(tl.float32)))
+    return s * mag
+
+
+@triton.jit
+def _wtile(w_ptr, s_ptr, rows, cols, N, K, FP4: tl.constexpr):
+    """Dequantized weight tile W[rows, cols] (float32, zeros out of range) of a [N, K] weight.
+
+    FP4: bytes [N, K/2], low nibble = even column, scale [N, K/32].  FP8: bytes [N, K], scale [⌈N/128⌉, ⌈K/128⌉]."""
+    ok = (rows[:, None] < N) & (cols[None, :] < K)
+    if FP4:
+        b = tl.load(w_ptr + rows[:, None] * (K // 2) + cols[None, :] // 2, mask=ok, other=0).to(tl.int32)
+        nib = (b >> ((cols[None, :] % 2) * 4)) & 0xF
+        s = tl.load(s_ptr + rows[:, None] * (K // 32) + cols[None, :] // 32, mask=ok, other=0.0)
+        return _e2m1(nib) * s
+    b = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0).to(tl.int32)
+    s = tl.load(s_ptr + (rows[:, None] // 128) * ((K + 127) // 128) + cols[None, :] // 128, mask=ok, other=0.0)
+    return _e4m3(b) * s
+
+
+def _bytes(w) -> torch.Tensor:
+    return w.data.view(torch.uint8) if w.data.dtype == torch.float8_e4m3fn else w.data
+
+
+# ====================================================================== FP8 block-scaled linear
+@triton.jit
+def _qlinear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
+                    FP4: tl.constexpr, BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pm, pn = tl.program_id(0), tl.program_id(1)
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                    other=0.0).to(tl.float32)
+        w = _wtile(w_ptr, s_ptr, rn, rk, N, K, FP4)
+        acc += _mm(x, tl.trans(w), BF16)
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def qlinear(x: torch.Tensor, w, bf16_dot: bool = False) -> torch.Tensor:
+    """x [..., K] @ Wᵀ for a quantized (fp8 or fp4) weight W [N, K]; float32 out [..., N]."""
+    n, k = w.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    y = _alloc((m, n), torch.float32, x.device)
+    bm = 16 if m <= 16 else 64
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, _TILE))
+    _qlinear_kernel[grid](x2, _bytes(w), w.scale, y, m, n, k, FP4=w.fmt == "fp4", BF16=bf16_dot,
+                          BM=bm, BN=_TILE, BK=_TILE)
+    return y.reshape(*lead, n)
+
+
+def fp8_linear(x, w, bf16_dot: bool = False):
+    return qlinear(x, w, bf16_dot)
+
+
+# ====================================================================== sink attention
+@triton.jit
+def _sink_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, S, H, N, K, D, scale,
+                      BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BF16: tl.constexpr):
+    row = tl.program_id(0)                    # b·S + s
+    ph = tl.program_id(1)
+    b = row // S
+    hs = ph * BH + tl.arange(0, BH)
+    ds = tl.arange(0, BD)
+    hm, dm = hs < H, ds < D
+    q = tl.load(q_ptr + (row * H + hs[:, None]) * D + ds[None, :], mask=hm[:, None] & dm[None, :],
+                other=0.0).to(tl.float32)
+    m_i = tl.load(sink_ptr + hs, mask=hm, other=0.0).to(tl.float32)       # running max starts at the sink
+    l_i = tl.full((BH,), 1.0, tl.float32)                                   # exp(sink − sink)
+    acc = tl.zeros((BH, BD), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        j = tl.load(idx_ptr + row * K + ks, mask=ks < K, other=-1)
+        ok = j >= 0
+        g = tl.load(kv_ptr + (b * N + tl.where(ok, j, 0))[:, None] * D + ds[None, :],
+                    mask=ok[:, None] & dm[None, :], other=0.0).to(tl.float32)          # [BK, BD]
+        sc = _mm(q, tl.trans(g), BF16) * scale                                          # [BH, BK]
+        sc = tl.where(ok[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p, g, BF16)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + (row * H + hs[:, None]) * D + ds[None, :], out, mask=hm[:, None] & dm[None, :])
+
+
+def sink_attention(q, kv, idx, sink, scale, bf16_dot: bool = False):
+    """q [B,S,H,d], kv [B,N,d], idx [B,S,K] (−1 = skip), sink [H] → float32 [B,S,H,d]."""
+    b, s, h, d = q.shape
+    n, k = kv.shape[1], idx.shape[-1]
+    out = _alloc((b, s, h, d), torch.float32, q.device)
+    bh = _p2(min(h, 64))
+    bd = _p2(d)
+    bk = 16 if bd >= 512 else 32
+    grid = (b * s, triton.cdiv(h, bh))
+    _sink_attn_kernel[grid](q.contiguous(), kv.contiguous(), idx.contiguous(), sink.contiguous(), out,
+                            s, h, n, k, d, float(scale), BH=bh, BK=bk, BD=bd, BF16=bf16_dot)
+    return out
+
+
+# ====================================================================== lightning indexer + top-k
+@triton.jit
+def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, vis_ptr, sc_ptr, S, NH, N, C,
+                           BH: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BF16: tl.constexpr):
+    row = tl.program_id(0)
+    pn = tl.program_id(1)
+    b = row // S
+    hs = tl.arange(0, BH)
+    cs = tl.arange(0, BC)
+    ns = pn * BN + tl.arange(0, BN)
+    q = tl.load(q_ptr + (row * NH + hs[:, None]) * C + cs[None, :], mask=(hs[:, None] < NH) & (cs[None, :] < C),
+                other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + row * NH + hs, mask=hs < NH, other=0.0).to(tl.float32)
+    keys = tl.load(k_ptr + (b * N + ns[:, None]) * C + cs[None, :], mask=(ns[:, None] < N) & (cs[None, :] < C),
+                   other=0.0).to(tl.float32)
+    dots = _mm(q, tl.trans(keys), BF16)                                         # [BH, BN]
+    score = tl.sum(tl.maximum(dots, 0.0) * w[:, None], 0)
+    score = tl.where(score == 0.0, 0.0, score)                                  # −0 ties +0 (stable order)
+    vis = tl.load(vis_ptr + row)
+    score = tl.where(ns < vis, score, float("-inf"))
+    tl.store(sc_ptr + row * N + ns, score, mask=ns < N)
+
+
+@triton.jit
+def _topk_select_kernel(sc_ptr, vis_ptr, out_ptr, N, TOPK, BN: tl.constexpr, BO: tl.constexpr):
+    row = tl.program_id(0)
+    vis = tl.minimum(tl.load(vis_ptr + row), N)
+    # order-preserving unsigned key in int64: larger score ↔ larger key
+    prefix = tl.zeros((), dtype=tl.int64)
+    want = tl.minimum(vis, TOPK).to(tl.int64)
+    one = tl.full((), 1, tl.int64)
+    for i in range(32):
+        cand = prefix | (one << (31 - i))
+        cnt = tl.zeros((), dtype=tl.int64)
+        for n0 in range(0, N, BN):
+            ns = n0 + tl.arange(0, BN)
+            bits = tl.load(sc_ptr + row * N + ns, mask=ns < vis, other=0.0).to(tl.int32, bitcast=True)
+            key = tl.where(bits >= 0, bits.to(tl.int64) + 2147483648, (~bits).to(tl.int64))
+            cnt += tl.sum(((key >= cand) & (ns < vis)).to(tl.int64), 0)
+        prefix = tl.where(cnt >= want, cand, prefix)
+    # prefix is now the key of the want-th largest score: emit keys above it, then lowest-index ties
+    n_gt = tl.zeros((), dtype=tl.int64)
+    for n0 in range(0, N, BN):
+        ns = n0 + tl.arange(0, BN)
+        bits = tl.load(sc_ptr + row * N + ns, mask=ns < vis, other=0.0).to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits.to(tl.int64) + 2147483648, (~bits).to(tl.int64))
+        n_gt += tl.sum(((key > prefix) & (ns < vis)).to(tl.int64), 0)
+    ties_left = want - n_gt
+    written = tl.zeros((), dtype=tl.int64)
+    for n0 in range(0, N, BN):
+        ns = n0 + tl.arange(0, BN)
+        bits = tl.load(sc_ptr + row * N + ns, mask=ns < vis, other=0.0).to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits.to(tl.int64) + 2147483648, (~bits).to(tl.int64))
+        live = ns < vis
+        tie = (key == prefix) & live
+        tie_rank = tl.cumsum(tie.to(tl.int64), 0)                    # 1-based rank of this tie in the block
+        take_tie = tie & (tie_rank <= ties_left)
+        sel = ((key > prefix) & live) | take_tie
+        pos = written + tl.cumsum(sel.to(tl.int64), 0) - 1
+        tl.store(out_ptr + row * TOPK + pos, ns.to(tl.int64), mask=sel)
+        written += tl.sum(sel.to(tl.int64), 0)
+        ties_left -= tl.sum(take_tie.to(tl.int64), 0)
+    os_ = tl.arange(0, BO)
+    for o0 in range(0, TOPK, BO):
+        tl.store(out_ptr + row * TOPK + o0 + os_, tl.full((BO,), -1, tl.int64),
+                 mask=(o0 + os_ >= want) & (o0 + os_ < TOPK))
+
+
+def indexer_scores(qi, w, keys, visible, bf16_dot: bool = False):
+    """Scores [B,S,N] float32: Σ_h ReLU(qi_h·key)·w_h for key j < visible, −inf beyond."""
+    b, s, nh, c = qi.shape
+    n = keys.shape[1]
+    sc = _alloc((b, s, n), torch.float32, qi.device)
+    bn = 64
+    grid = (b * s, triton.cdiv(n, bn))
+    _indexer_scores_kernel[grid](qi.contiguous(), w.contiguous(), keys.contiguous(),
+                                 visible.contiguous().to(torch.int64), sc, s, nh, n, c,
+                                 BH=_p2(nh), BN=bn, BC=_p2(c), BF16=bf16_dot)
+    return sc
+
+
+def topk_select(scores, visible, k):
+    """Indices [B,S,k] of the k largest scores among the first `visible` (ties → lower index), in
+    ascending index order, −1 padded when fewer than k are visible."""
+    b, s, n = scores.shape
+    out = _alloc((b, s, k), torch.int64, scores.device)
+    _topk_select_kernel[(b * s,)](scores.contiguous(), visible.contiguous().to(torch.int64), out, n, k,
+                                  BN=min(1024, _p2(n)), BO=min(1024, _p2(k)))
+    return out
+
+
+def indexer_topk(qi, w, keys, visible, k, bf16_dot: bool = False):
+    return topk_select(indexer_scores(qi, w, keys, visible, bf16_dot), visible, k)
+
+
+# ====================================================================== mHC
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _hc_pre_kernel(h_ptr, fn_ptr, base_ptr, scale_ptr, x_ptr, post_ptr, comb_ptr, HC, D, iters, hc_eps, norm_eps,
+                   HP: tl.constexpr, BLK: tl.constexpr):
+    t = tl.program_id(0)
+    L = HC * D
+    r = tl.arange(0, HP)
+    c = tl.arange(0, HP)
+    rm = r < HC
+    cm2 = rm[:, None] & (c[None, :] < HC)
+    acc_pre = tl.zeros((HP,), tl.float32)
+    acc_post = tl.zeros((HP,), tl.float32)
+    acc_comb = tl.zeros((HP, HP), tl.float32)
+    ssq = tl.zeros((), tl.float32)
+    for v0 in range(0, L, BLK):
+        vs = v0 + tl.arange(0, BLK)
+        vm = vs < L
+        v = tl.load(h_ptr + t * L + vs, mask=vm, other=0.0).to(tl.float32)
+        ssq += tl.sum(v * v, 0)
+        f_pre = tl.load(fn_ptr + r[:, None] * L + vs[None, :], mask=rm[:, None] & vm[None, :], other=0.0)
+        f_post = tl.load(fn_ptr + (HC + r[:, None]) * L + vs[None, :], mask=rm[:, None] & vm[None, :], other=0.0)
+        acc_pre += tl.sum(f_pre * v[None, :], 1)
+        acc_post += tl.sum(f_post * v[None, :], 1)
+        fr = 2 * HC + r[:, None, None] * HC + c[None, :, None]
+        f_c = tl.load(fn_ptr + fr * L + vs[None, None, :], mask=cm2[:, :, None] & vm[None, None, :], other=0.0)
+        acc_comb += tl.sum(f_c * v[None, None, :], 2)
+    rho = 1.0 / tl.sqrt(ssq / L + norm_eps)
+    s0 = tl.load(scale_ptr)
+    s1 = tl.load(scale_ptr + 1)
+    s2 = tl.load(scale_ptr + 2)
+    pre = _sigmoid(acc_pre * rho * s0 + tl.load(base_ptr + r, mask=rm, other=0.0)) + hc_eps
+    post = 2.0 * _sigmoid(acc_post * rho * s1 + tl.load(base_ptr + HC + r, mask=rm, other=0.0))
+    cb = tl.load(base_ptr + 2 * HC + r[:, None] * HC + c[None, :], mask=cm2, other=0.0)
+    logit = tl.where(cm2, acc_comb * rho * s2 + cb, float("-inf"))
+    # Sinkhorn: row softmax + eps, column normalize, then (iters − 1) row/column rounds
+    e = tl.exp(logit - tl.where(rm, tl.max(logit, 1), 0.0)[:, None])      # padded rows: exp(−inf) = 0
+    e = tl.where(cm2, e, 0.0)
+    m = tl.where(cm2, e / tl.where(rm, tl.sum(e, 1), 1.0)[:, None] + hc_eps, 0.0)
+    m = m / (tl.sum(m, 0)[None, :] + hc_eps)
+    for _ in range(iters - 1):
+        m = m / (tl.sum(m, 1)[:, None] + hc_eps)
+        m = m / (tl.sum(m, 0)[None, :] + hc_eps)
+    tl.store(post_ptr + t * HC + r, post, mask=rm)
+    tl.store(comb_ptr + t * HC * HC + r[:, None] * HC + c[None, :], m, mask=cm2)
+    for d0 in range(0, D, BLK):
+        ds = d0 + tl.arange(0, BLK)
+        hv = tl.load(h_ptr + t * L + r[:, None] * D + ds[None, :], mask=rm[:, None] & (ds[None, :] < D),
+                     other=0.0).to(tl.float32)
+        tl.store(x_ptr + t * D + ds, tl.sum(pre[:, None] * hv, 0), mask=ds < D)
+
+
+def hc_pre(h, fn, base, scale, iters, hc_eps, norm_eps):
+    """mHC collapse: h [B,S,hc,D] → (x [B,S,D], post [B,S,hc], comb [B,S,hc,hc]), all float32."""
+    b, s, hc, d = h.shape
+    t = b * s
+    x = _alloc((b, s, d), torch.float32, h.device)
+    post = _alloc((b, s, hc), torch.float32, h.device)
+    comb = _alloc((b, s, hc, hc), torch.float32, h.device)
+    f32 = dict(dtype=torch.float32)
+    _hc_pre_kernel[(t,)](h.contiguous(), fn.contiguous().to(**f32), base.contiguous().to(**f32),
+                         scale.contiguous().to(**f32), x, post, comb, hc, d, int(iters), float(hc_eps),
+                         float(norm_eps), HP=_p2(hc, 2), BLK=256)
+    return x, post, comb
+
+
+@triton.jit
+def _hc_post_kernel(f_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, HC, D, HP: tl.constexpr, BLK: tl.constexpr):
+    t = tl.program_id(0)
+    pd = tl.program_id(1)
+    j = tl.arange(0, HP)
+    ds = pd * BLK + tl.arange(0, BLK)
+    jm, dm = j < HC, ds < D
+    f = tl.load(f_ptr + t * D + ds, mask=dm, other=0.0).to(tl.float32)
+    post = tl.load(post_ptr + t * HC + j, mask=jm, other=0.0)
+    comb = tl.load(comb_ptr + t * HC * HC + j[:, None] * HC + j[None, :], mask=jm[:, None] & jm[None, :],
+                   other=0.0)                                                   # comb[j, k]
+    res = tl.load(res_ptr + t * HC * D + j[:, None] * D + ds[None, :], mask=jm[:, None] & dm[None, :],
+                  other=0.0).to(tl.float32)                                     # res[j, d]
+    mixed = tl.sum(comb[:, :, None] * res[:, None, :], 0)                       # Σ_j comb[j,k]·res[j] → [k, d]
+    out = post[:, None] * f[None, :] + mixed
+    tl.store(out_ptr + t * HC * D + j[:, None] * D + ds[None, :], out, mask=jm[:, None] & dm[None, :])
+
+
+def hc_post(f, res, post, comb):
+    """mHC expand: out[k] = post_k·f + Σ_j comb[j,k]·res[j]; float32 [B,S,hc,D]."""
+    b, s, hc, d = res.shape
+    out = _alloc((b, s, hc, d), torch.float32, res.device)
+    blk = 256
+    _hc_post_kernel[(b * s, triton.cdiv(d, blk))](f.contiguous(), res.contiguous(), post.contiguous().float(),
+                                                 comb.contiguous().float(), out, hc, d, HP=_p2(hc, 2), BLK=blk)
+    return out
+
+
+# ====================================================================== MoE (grouped by expert)
+def route_tiles(idx: torch.Tensor, n_experts: int, bm: int):
+    """Sort (token, slot) pairs by expert and pad each expert's group to a multiple of `bm` rows.
+
+    Returns (rows [R] pair id or −1, tile_expert [T] expert or −1) with R = T·bm an upper bound that
+    depends only on shapes (pairs + E·(bm−1)), so no host synchronization is needed."""
+    p = idx.numel()
+    flat = idx.reshape(-1)
+    dev = idx.device
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + bm - 1) // bm * bm
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    order = torch.sort(flat, stable=True)[1]
+    e_sorted = flat[order]
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(p, device=dev) - first[e_sorted]
+    n_tiles = triton.cdiv(p + n_experts * (bm - 1), bm)
+    rows = torch.full((n_tiles * bm,), -1, dtype=torch.int64, device=dev)
+    rows.scatter_(0, pad_start[e_sorted] + rank, order)
+    tile_start = torch.arange(n_tiles, device=dev) * bm
+    te = torch.searchsorted(pad_end, tile_start, right=True)
+    tile_expert = torch.where(te < n_experts, te, -1)
+    return rows, tile_expert
+
+
+@triton.jit
+def _moe_up_kernel(x_ptr, rows_ptr, te_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, wts_ptr, a_ptr, TOPK, I, D,
+                   w_stride, s_stride, limit,
+                   FP4: tl.constexpr, BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pt, pn = tl.program_id(0), tl.program_id(1)
+    e = tl.load(te_ptr + pt)
+    if e >= 0:
+        ri = pt * BM + tl.arange(0, BM)
+        pair = tl.load(rows_ptr + ri)
+        live = pair >= 0
+        tok = tl.where(live, pair // TOPK, 0)
+        rn = pn * BN + tl.arange(0, BN)
+        g = tl.zeros((BM, BN), tl.float32)
+        u = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, D, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + tok[:, None] * D + rk[None, :], mask=live[:, None] & (rk[None, :] < D),
+                        other=0.0).to(tl.float32)
+            w1 = _wtile(w1_ptr + e * w_stride, s1_ptr + e * s_stride, rn, rk, I, D, FP4)
+            w3 = _wtile(w3_ptr + e * w_stride, s3_ptr + e * s_stride, rn, rk, I, D, FP4)
+            g += _mm(x, tl.trans(w1), BF16)
+            u += _mm(x, tl.trans(w3), BF16)
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        coef = tl.load(wts_ptr + tl.where(live, pair, 0), mask=live, other=0.0).to(tl.float32)
+        a = g * _sigmoid(g) * u * coef[:, None]
+        tl.store(a_ptr + ri[:, None] * I + rn[None, :], a, mask=live[:, None] & (rn[None, :] < I))
+
+
+@triton.jit
+def _moe_down_kernel(a_ptr, rows_ptr, te_ptr, w2_ptr, s2_ptr, y_ptr, D, I, w_stride, s_stride,
+                     FP4: tl.constexpr, BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pt, pn = tl.program_id(0), tl.program_id(1)
+    e = tl.load(te_ptr + pt)
+    if e >= 0:
+        ri = pt * BM + tl.arange(0, BM)
+        pair = tl.load(rows_ptr + ri)
+        live = pair >= 0
+        rn = pn * BN + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, I, BK):
+            rk = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + ri[:, None] * I + rk[None, :], mask=live[:, None] & (rk[None, :] < I), other=0.0)
+            w2 = _wtile(w2_ptr + e * w_stride, s2_ptr + e * s_stride, rn, rk, D, I, FP4)
+            acc += _mm(a, tl.trans(w2), BF16)
+        tl.store(y_ptr + tl.where(live, pair, 0)[:, None] * D + rn[None, :], acc,
+                 mask=live[:, None] & (rn[None, :] < D))
+
+
+def moe(x, idx, wts, bank, limit, between=None, bf16_dot: bool = False, bm: int = 16):
+    """Σ_k wts[:,k]·Expert_{idx[:,k]}(x) for x [N,D], idx/wts [N,k] over an `ExpertBank`; float32 [N,D].
+
+    `between` (optional) is applied to the SwiGLU activations before the down projection (the `act`
+    rounding and, with emulation, the activation FP8 rounding of the decomposition)."""
+    n, d = x.shape
+    topk = idx.shape[1]
+    inter = bank.w1.shape[0]
+    fp4 = bank.w1.fmt == "fp4"
+    rows, tile_expert = route_tiles(idx, len(bank), bm)
+    a = _alloc((rows.numel(), inter), torch.float32, x.device)   # dead (padding) rows are never read
+    bn, bk = _TILE, _TILE
+    w1, w3, w2 = _bytes(bank.w1), _bytes(bank.w3), _bytes(bank.w2)
+    _moe_up_kernel[(tile_expert.numel(), triton.cdiv(inter, bn))](
+        x.contiguous(), rows, tile_expert, w1, bank.w1.scale, w3, bank.w3.scale, wts.contiguous().float(), a,
+        topk, inter, d, w1[0].numel(), bank.w1.scale[0].numel(), float(limit),
+        FP4=fp4, BF16=bf16_dot, BM=bm, BN=bn, BK=bk)
+    if between is not None:
+        a = between(a)
+    y = _alloc((n * topk, d), torch.float32, x.device)
+    _moe_down_kernel[(tile_expert.numel(), triton.cdiv(d, bn))](
+        a, rows, tile_expert, w2, bank.w2.scale, y, d, inter, w2[0].numel(), bank.w2.scale[0].numel(),
+        FP4=fp4, BF16=bf16_dot, BM=bm, BN=bn, BK=bk)
+    return y.reshape(n, topk, d).sum(1)
+
+
+assert quant.FP8_BLOCK == 128 and quant.FP4_BLOCK == 32, "kernels hard-code the checkpoint block sizes"

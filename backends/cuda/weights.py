@@ -1,0 +1,120 @@
+"""Device-resident weights that stay in their stored precision until the matmul that uses them.
+
+FP8 linears are `torch.float8_e4m3fn` [out, in] with float32 block scales [ceil(out/128), ceil(in/128)];
+FP4 experts are packed uint8 [out, in/2] (low nibble = even column) with float32 per-32 scales; plain
+tensors (norms, hc, gates, embeddings, BF16 compressor weights) are decoded once into the compute dtype.
+Scales are decoded to float32 at load: they are 1/16384 (FP8) or 1/16 (FP4, as bytes → 1/4) of the
+weight bytes, and a float32 scale is what both the torch dequantization and the Triton kernels read.
+
+Routed experts of one layer are stacked into an `ExpertBank` ([E, out, in] data, [E, ...] scales) so a
+grouped kernel can address every expert through one pointer; indexing the bank still yields per-expert
+(w1, w2, w3) views, which is what the default `Ops.moe` decomposition consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...portable import quant
+from .numerics import E2M1_TABLE, E8M0_TABLE
+
+
+# byte → (value of the low nibble, value of the high nibble): one gather decodes two packed FP4 weights
+FP4_PAIRS = np.stack([E2M1_TABLE[np.arange(256) & 0xF], E2M1_TABLE[np.arange(256) >> 4]], -1)
+
+
+@dataclass(frozen=True, eq=False)
+class TorchQuant:
+    """A quantized linear weight on the device: fmt "fp8" or "fp4", logical shape (out, in)."""
+
+    fmt: str
+    data: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple
+
+
+def _scale_f32(scale: np.ndarray) -> np.ndarray:
+    return E8M0_TABLE[scale] if scale.dtype == np.uint8 else np.asarray(scale, dtype=np.float32)
+
+
+def to_torch_quant(qw: quant.QuantWeight, device) -> TorchQuant:
+    scale = torch.as_tensor(_scale_f32(np.asarray(qw.scale)), device=device)
+    data = torch.as_tensor(np.array(qw.data), device=device)
+    if qw.fmt == "fp8":
+        data = data.view(torch.float8_e4m3fn)
+    return TorchQuant(qw.fmt, data, scale, tuple(qw.shape))
+
+
+def dequantize(w: TorchQuant, dtype) -> torch.Tensor:
+    """Dense [out, in] (or [E, out, in] for a stacked bank) in `dtype`: exact products of codes and scales."""
+    m, n = w.shape
+    lead = w.data.shape[:-2]
+    if w.fmt == "fp8":
+        b = quant.FP8_BLOCK
+        s = w.scale.repeat_interleave(b, -2)[..., :m, :].repeat_interleave(b, -1)[..., :n]
+        return w.data.to(dtype) * s.to(dtype)
+    pairs = torch.as_tensor(FP4_PAIRS, device=w.data.device, dtype=dtype)
+    vals = pairs[w.data.long()].reshape(*lead, m, n)
+    return vals * w.scale.to(dtype).repeat_interleave(quant.FP4_BLOCK, -1)
+
+
+class ExpertBank:
+    """The routed experts of one layer, stacked per projection: w1/w3 [E, I, D], w2 [E, D, I]."""
+
+    def __init__(self, w1: TorchQuant, w2: TorchQuant, w3: TorchQuant, count: int):
+        self.w1, self.w2, self.w3, self.count = w1, w2, w3, count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, e):
+        if not 0 <= e < self.count:
+            raise IndexError(e)
+        return tuple(TorchQuant(w.fmt, w.data[e], w.scale[e], w.shape) for w in (self.w1, self.w2, self.w3))
+
+
+def _stack(qws: list, device) -> TorchQuant:
+    ts = [to_torch_quant(q, device) for q in qws]
+    return TorchQuant(ts[0].fmt, torch.stack([t.data for t in ts]), torch.stack([t.scale for t in ts]),
+                      ts[0].shape)
+
+
+class TorchWeights:
+    """Weight store over a `Checkpoint` (same interface as the reference's `NumpyWeights`)."""
+
+    def __init__(self, ckpt, dtype: torch.dtype, device):
+        self.ckpt, self.dt, self.device = ckpt, dtype, device
+        self._names = set(ckpt.names())
+        self._cache: dict = {}
+
+    def __getitem__(self, name):
+        if name in self._cache:
+            return self._cache[name]
+        if name.endswith(".weight") and name[:-7] + ".scale" in self._names:
+            val = to_torch_quant(self.ckpt.quant_weight(name[:-7]), self.device)
+        elif self.ckpt.spec(name).dtype in ("I64", "I32"):
+            val = torch.as_tensor(np.array(self.ckpt.raw(name), dtype=np.int64), device=self.device)
+        else:
+            val = torch.as_tensor(self.ckpt.array(name, np.float32), device=self.device).to(self.dt)
+        self._cache[name] = val
+        return val
+
+    def experts(self, prefix):
+        if prefix not in self._cache:
+            n = sum(1 for k in self._names if k.startswith(prefix) and k.endswith(".w1.weight"))
+            banks = [_stack([self.ckpt.quant_weight(f"{prefix}{e}.{w}") for e in range(n)], self.device)
+                     for w in ("w1", "w2", "w3")]
+            self._cache[prefix] = ExpertBank(*banks, n)
+        return self._cache[prefix]
+
+    def load_all(self) -> None:
+        """Materialize every tensor (before capturing a CUDA graph nothing may be loaded lazily)."""
+        for name in self._names:
+            if ".experts." in name or name.endswith(".scale"):
+                continue
+            self[name]
+        for p in {n.split(".experts.")[0] + ".experts." for n in self._names if ".experts." in n}:
+            self.experts(p)
