@@ -48,12 +48,15 @@ def _init(name: str, shape: tuple, rng: np.random.Generator, cfg: ModelConfig) -
     return rng.standard_normal(shape) / np.sqrt(fan_in)
 
 
-def synthetic_tensors(cfg: ModelConfig, seed: int = 0) -> dict:
-    """name → (safetensors dtype, raw array) for every tensor of `schema(cfg)`."""
+def synthetic_tensors(cfg: ModelConfig, seed: int = 0, progress=None) -> dict:
+    """name → (safetensors dtype, raw array) for every tensor of `schema(cfg)`; `progress(done, total)`,
+    if given, is called after each tensor (the demo build takes seconds, so the CLI shows a bar)."""
     rng = np.random.default_rng(seed)
     out = {}
     specs = {s.name: s for s in schema(cfg)}
-    for s in specs.values():
+    for i, s in enumerate(specs.values()):
+        if progress is not None:
+            progress(i, len(specs))
         if s.name.endswith(".scale"):
             continue
         if s.dtype == "I64":                                   # tid2eid: distinct experts per token id
@@ -78,14 +81,14 @@ def synthetic_tensors(cfg: ModelConfig, seed: int = 0) -> dict:
 
 
 def write_checkpoint(cfg: ModelConfig, out_dir, seed: int = 0, shard_bytes: int = 4 << 20,
-                     tokenizer: str | None = "test") -> Path:
+                     tokenizer: str | None = "test", progress=None) -> Path:
     """Write config.json, sharded safetensors + index and a tokenizer.json ('test' = the small test
     tokenizer sized to the vocab; 'v4' = the official V4 tokenizer, which needs vocab_size ≥ 129280;
     None = weights only)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    save_sharded(out, synthetic_tensors(cfg, seed), shard_bytes)
+    save_sharded(out, synthetic_tensors(cfg, seed, progress), shard_bytes)
     if tokenizer is None:
         return out
     from .encoding import official_tokenizer_path, write_test_tokenizer
@@ -100,14 +103,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DSV4_CACHE", Path.home() / ".cache" / "dsv4"))
 
 
-def ensure_tiny(name: str = "tiny", seed: int = 0) -> Path:
-    """The synthetic checkpoint of preset `name`, generated once into the user cache (atomically)."""
+def ensure_tiny(name: str = "tiny", seed: int = 0, progress=None) -> Path:
+    """The synthetic checkpoint of preset `name`, generated once into the user cache (atomically);
+    `progress` as in `synthetic_tensors`, called only when the checkpoint is built."""
     target = cache_dir() / f"{name}-s{seed}-v{FORMAT_VERSION}"
     if (target / "model.safetensors.index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    write_checkpoint(preset(name), tmp, seed, tokenizer="v4" if name == "demo" else "test")
+    write_checkpoint(preset(name), tmp, seed, tokenizer="v4" if name == "demo" else "test", progress=progress)
     try:
         tmp.rename(target)
     except OSError:                                            # another process won the race

@@ -1,0 +1,60 @@
+"""Option declarations shared by several commands, so `--model`, `--backend`, sampling flags… read the
+same everywhere (and the server's command can reuse them)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..portable.sampling import SamplingParams
+from .errors import EXIT_USAGE, CliError
+from .resolve import BACKEND_CHOICES, DTYPE_CHOICES
+
+Model = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Checkpoint directory (official layout, converted or ONNX export), or demo|tiny|tiny2. "
+                          "Default: the demo model (random weights, real tokenizer).")]
+Backend = Annotated[str, typer.Option(
+    "--backend", "-b", help=f"Backend: {'|'.join(BACKEND_CHOICES)}. auto = MLX on Apple silicon, CUDA with a "
+                            "GPU, else the fastest installed CPU backend.")]
+Dtype = Annotated[str, typer.Option("--dtype", help=f"Compute dtype: {'|'.join(DTYPE_CHOICES)}.")]
+Context = Annotated[Optional[int], typer.Option(
+    "--context", "-c", help="Context (state capacity) in tokens. Default: 4096 or the model's maximum.")]
+Force = Annotated[bool, typer.Option("--force", help="Load even if the memory estimate says it will not fit.")]
+Mode = Annotated[str, typer.Option("--mode", help="chat (no reasoning), thinking (high effort) or max.")]
+System = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate per answer.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
+TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")]
+MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens below min-p × the top probability.")]
+RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeats.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
+Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text is generated (repeatable).")]
+HideThinking = Annotated[bool, typer.Option("--hide-thinking", help="Do not print the reasoning.")]
+
+_FLAG = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
+         "repetition_penalty": "--repetition-penalty"}
+
+
+def sampling_params(temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,
+                    seed: int | None) -> SamplingParams:
+    """SamplingParams from the flags; a bad value becomes `--flag must be …` (exit 2)."""
+    try:
+        return SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    except ValueError as e:
+        name, _, why = str(e).partition(" ")
+        raise CliError(f"{_FLAG.get(name, name)} {why}", EXIT_USAGE) from None
+
+
+def check_positive(flag: str, value: int) -> int:
+    if value < 1:
+        raise CliError(f"{flag} must be ≥ 1, got {value}", EXIT_USAGE)
+    return value
+
+
+def check_mode(mode: str) -> str:
+    from .session import MODES
+    if mode not in MODES:
+        raise CliError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}", EXIT_USAGE)
+    return mode

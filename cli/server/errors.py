@@ -1,0 +1,37 @@
+"""API errors and how each API family spells them.
+
+One exception type (`APIError`) is raised everywhere in the server; the route decides the wire format,
+because a client library only understands its own: OpenAI clients read
+`{"error": {"message", "type", "param", "code"}}`, Anthropic clients read
+`{"type": "error", "error": {"type", "message"}}` and pick their exception class from the HTTP status.
+"""
+
+from __future__ import annotations
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+_OPENAI_TYPES = {401: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+                 503: "server_error"}
+
+
+class APIError(Exception):
+    """An error answered with `status`; `param` names the offending request field when there is one."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+def openai_error_body(err: APIError) -> dict:
+    return {"error": {"message": err.message, "type": _OPENAI_TYPES.get(err.status, "invalid_request_error"),
+                      "param": err.param, "code": err.code}}
+
+
+def anthropic_error_body(err: APIError) -> dict:
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(err.status, "api_error"),
+                                       "message": err.message}}

@@ -1,0 +1,268 @@
+"""OpenAI-compatible endpoints: chat completions, legacy completions, models.
+
+Conventions beyond the OpenAI spec follow DeepSeek's own API: reasoning comes back as
+`reasoning_content` (message and stream delta), thinking is switched with `thinking: {"type": ...}`,
+`chat_template_kwargs.thinking` or `reasoning_effort: "none"` (see `encoding.requests`).  A tool call
+is streamed as one delta carrying its complete JSON arguments, once the parser has closed the DSML
+invoke, so a client never sees markup or half-parsed arguments.  Logprobs cover every generated token
+(reasoning included) under `logprobs.content`.  The final stream chunk (the one with `finish_reason`)
+always carries `usage`; `stream_options.include_usage` adds OpenAI's separate usage-only chunk.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi.responses import JSONResponse
+
+from dsv4.portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent, from_openai
+
+from .errors import APIError, bad_request, openai_error_body
+from .fields import Body, sampling_params
+from .generation import Done, GenParams, Generation, TokenInfo
+from .sse import EventStream, sse
+
+MAX_TOP_LOGPROBS = 20
+
+
+def _usage(done: Done) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+
+
+def _finish_reason(done: Done) -> str:
+    if done.finish == "length":
+        return "length"
+    return "tool_calls" if done.tool_calls and done.finish == "stop" else "stop"
+
+
+def _token_entry(tokenizer, token_id: int, logprob: float) -> dict:
+    raw = tokenizer.token_bytes(token_id)
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+def _logprob_entries(tokenizer, infos) -> list:
+    return [{**_token_entry(tokenizer, t.id, t.logprob),
+             "top_logprobs": [_token_entry(tokenizer, i, lp) for i, lp in t.top]} for t in infos]
+
+
+def _top_logprobs(body: Body) -> int | None:
+    """None when logprobs are off, else how many alternatives per token."""
+    wanted = body.get("logprobs", "boolean", default=False)
+    top = body.integer("top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise bad_request("'top_logprobs' requires 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _include_usage(body: Body, stream: bool) -> bool:
+    options = body.get("stream_options", "object", default={})
+    if options and not stream:
+        raise bad_request("'stream_options' is only allowed with 'stream': true", "stream_options")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise bad_request("'stream_options.include_usage' must be a boolean", "stream_options")
+    return include
+
+
+def _check_common(body: Body, state) -> bool:
+    """Fields every generation endpoint shares; returns `stream`."""
+    state.check_model(body.get("model", "string", required=True))
+    body.integer("n", 1, 1, 1)
+    return body.get("stream", "boolean", default=False)
+
+
+def _max_tokens(body: Body, state, prompt_len: int, default: int | None) -> int:
+    param = "max_completion_tokens" if body.data.get("max_completion_tokens") is not None else "max_tokens"
+    return state.budget(prompt_len, body.integer(param, default, 1), param)
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+async def chat_completions(state, request):
+    body = Body(await request.body())
+    stream = _check_common(body, state)
+    body.get("messages", "array", required=True)
+    for name, kinds in (("tools", ("array",)), ("tool_choice", ("string", "object")),
+                        ("reasoning_effort", ("string",)), ("thinking", ("object",)),
+                        ("chat_template_kwargs", ("object",)), ("response_format", ("object",)),
+                        ("parallel_tool_calls", ("boolean",)), ("user", ("string",))):
+        body.get(name, *kinds)
+    enc = from_openai(body.data, effort_table=state.effort_table)
+    top = _top_logprobs(body)
+    params_sampling = sampling_params(body, max_temperature=2.0)
+    stop = body.strings("stop", max_items=16)
+    include_usage = _include_usage(body, stream)
+    prompt = await state.encode(enc)
+    params = GenParams(_max_tokens(body, state, len(prompt), None), params_sampling, stop, top)
+    gen = Generation(state.engine, state.tokenizer, prompt, params, enc.thinking_mode)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name,
+            "system_fingerprint": None}
+    thinking = enc.thinking_mode == "thinking"
+    if stream:
+        frames = _chat_stream(state, gen, head, top is not None, include_usage, thinking)
+        return EventStream(frames, gen.cancel)
+    return JSONResponse(await _chat_result(state, gen, head, top is not None, thinking, request))
+
+
+async def _chat_result(state, gen, head, logprobs, thinking, request) -> dict:
+    reasoning, content, calls, infos = [], [], [], []
+    done = None
+    async for ev in gen.events(request.is_disconnected):
+        if isinstance(ev, TokenInfo):
+            infos.append(ev)
+        elif isinstance(ev, ReasoningDelta):
+            reasoning.append(ev.text)
+        elif isinstance(ev, ContentDelta):
+            content.append(ev.text)
+        elif isinstance(ev, ToolCallEvent):
+            calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                          "function": {"name": ev.name, "arguments": ev.arguments}})
+        else:
+            done = ev
+    if done.finish == "error":
+        raise APIError(500, f"generation failed: {done.error}")
+    message = {"role": "assistant", "content": "".join(content) if content or not calls else None}
+    if thinking:
+        message["reasoning_content"] = "".join(reasoning)
+    if calls:
+        message["tool_calls"] = calls
+    choice = {"index": 0, "message": message, "finish_reason": _finish_reason(done),
+              "logprobs": {"content": _logprob_entries(state.tokenizer, infos), "refusal": None}
+              if logprobs else None}
+    return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(done)}
+
+
+async def _chat_stream(state, gen, head, logprobs, include_usage, thinking):
+    infos = []
+
+    def chunk(delta, finish=None, **extra):
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        if logprobs and infos:
+            choice["logprobs"] = {"content": _logprob_entries(state.tokenizer, infos), "refusal": None}
+            infos.clear()
+        return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **extra})
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for ev in gen.events():
+        if isinstance(ev, TokenInfo):
+            infos.append(ev)
+        elif isinstance(ev, ReasoningDelta):
+            yield chunk({"reasoning_content": ev.text})
+        elif isinstance(ev, ContentDelta):
+            yield chunk({"content": ev.text})
+        elif isinstance(ev, ToolCallEvent):
+            yield chunk({"tool_calls": [{"index": ev.index, "id": f"call_{uuid.uuid4().hex[:24]}",
+                                         "type": "function",
+                                         "function": {"name": ev.name, "arguments": ev.arguments}}]})
+        elif ev.finish == "error":
+            yield sse(openai_error_body(APIError(500, f"generation failed: {ev.error}")))
+        else:
+            yield chunk({}, _finish_reason(ev), usage=_usage(ev))
+            if include_usage:
+                yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(ev)})
+    yield sse("[DONE]")
+
+
+# ---------------------------------------------------------------- legacy completions
+
+
+def _completion_prompt(body: Body, state) -> list:
+    """A string (tokenized after BOS, as raw text) or a list of token ids; batches of one are unwrapped."""
+    prompt = body.get("prompt", "string", "array", required=True)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return [state.tokenizer.bos_id] + state.tokenizer.encode(prompt)
+    vocab = state.tokenizer.vocab_size
+    if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+        raise bad_request("'prompt' must be a string, or one non-empty list of token ids in "
+                          f"[0, {vocab}); batched prompts are not supported", "prompt")
+    return list(prompt)
+
+
+async def completions(state, request):
+    body = Body(await request.body())
+    stream = _check_common(body, state)
+    body.unsupported_unless("echo", (False,))
+    body.unsupported_unless("suffix", ("",))
+    body.integer("best_of", 1, 1, 1)
+    top = body.integer("logprobs", None, 0, 5)
+    params_sampling = sampling_params(body, max_temperature=2.0)
+    stop = body.strings("stop", max_items=16)
+    include_usage = _include_usage(body, stream)
+    prompt = _completion_prompt(body, state)
+    params = GenParams(_max_tokens(body, state, len(prompt), 16), params_sampling, stop, top)
+    gen = Generation(state.engine, state.tokenizer, prompt, params, "raw")
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.model_name}
+    if stream:
+        return EventStream(_completion_stream(state, gen, head, top is not None, include_usage), gen.cancel)
+    text, infos, done = [], [], None
+    async for ev in gen.events(request.is_disconnected):
+        if isinstance(ev, TokenInfo):
+            infos.append(ev)
+        elif isinstance(ev, ContentDelta):
+            text.append(ev.text)
+        elif isinstance(ev, Done):
+            done = ev
+    if done.finish == "error":
+        raise APIError(500, f"generation failed: {done.error}")
+    choice = {"index": 0, "text": "".join(text), "finish_reason": _finish_reason(done),
+              "logprobs": _legacy_logprobs(state.tokenizer, infos) if top is not None else None}
+    return JSONResponse({**head, "choices": [choice], "usage": _usage(done)})
+
+
+def _legacy_logprobs(tokenizer, infos, offset: int = 0) -> dict:
+    tokens = [tokenizer.token_bytes(t.id).decode("utf-8", errors="replace") for t in infos]
+    offsets = []
+    for tok in tokens:
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": [t.logprob for t in infos], "text_offset": offsets,
+            "top_logprobs": [{tokenizer.token_bytes(i).decode("utf-8", errors="replace"): lp for i, lp in t.top}
+                             for t in infos]}
+
+
+async def _completion_stream(state, gen, head, logprobs, include_usage):
+    infos, offset = [], 0
+
+    def chunk(text, finish=None, **extra):
+        nonlocal offset
+        lp = None
+        if logprobs and infos:
+            lp = _legacy_logprobs(state.tokenizer, infos, offset)
+            offset += sum(len(t) for t in lp["tokens"])
+            infos.clear()
+        return sse({**head, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}],
+                    **extra})
+
+    async for ev in gen.events():
+        if isinstance(ev, TokenInfo):
+            infos.append(ev)
+        elif isinstance(ev, ContentDelta):
+            yield chunk(ev.text)
+        elif ev.finish == "error":
+            yield sse(openai_error_body(APIError(500, f"generation failed: {ev.error}")))
+        else:
+            yield chunk("", _finish_reason(ev), usage=_usage(ev))
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": _usage(ev)})
+    yield sse("[DONE]")
+
+
+# ---------------------------------------------------------------- models
+
+
+async def models(state, request):
+    return JSONResponse({"object": "list", "data": [
+        {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "dsv4",
+         "context_length": state.context}]})
+
+
+ROUTES = [("/v1/chat/completions", chat_completions, ["POST"]),
+          ("/v1/completions", completions, ["POST"]),
+          ("/v1/models", models, ["GET"])]

@@ -1,0 +1,16 @@
+"""Assertions shared by the CLI tests."""
+
+import json
+
+
+def error_line(result) -> str:
+    """The single stderr line of a failed command (asserting there is exactly one and no traceback)."""
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def json_out(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
