@@ -191,7 +191,6 @@ def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emu
     make_runner = get_backend(backend)
     path = resolve_path(path_or_preset)
     cfg = ModelConfig.from_file(path)
-    ctx = min(context or min(cfg.max_position_embeddings, 16384), cfg.max_position_embeddings)
     if backend == "onnx":
         runner = make_runner(cfg, path, dtype=dtype, emulate=emulate, **backend_options)
     else:
@@ -199,4 +198,7 @@ def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emu
         if validate and not converted_for(path, backend):
             ckpt.validate(cfg)
         runner = make_runner(cfg, ckpt, dtype=dtype, emulate=emulate, **backend_options)
+    # default context: 16K, or less where the model (or an export's fixed state capacity) allows less
+    default = min(cfg.max_position_embeddings, 16384, getattr(runner, "max_len", 16384))
+    ctx = min(context or default, cfg.max_position_embeddings)
     return Model(cfg, runner, path, backend, dtype, ctx)

@@ -153,3 +153,11 @@ def test_export_without_mtp_says_so(tiny_dir, onnx_export):
     model = dsv4.load(onnx_export(tiny_dir, CONTEXT, mtp=False), backend="onnx")
     with pytest.raises(ExportError, match="exported without the MTP block"):
         model.runner.new_mtp_state(1, CONTEXT)
+
+
+def test_default_context_is_the_exports_capacity(tiny_dir, onnx_export):
+    """Loading an export without `context=` uses the state capacity it was exported with."""
+    model = dsv4.load(onnx_export(tiny_dir, 128, mtp=False), backend="onnx")
+    assert model.context == 128
+    with pytest.raises(dsv4.ContextError, match="129 tokens exceed this model's context of 128"):
+        model.forward(list(range(3, 132)))
