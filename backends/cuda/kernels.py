@@ -8,10 +8,10 @@ the CPU (that is how they are tested without a GPU).
 * `sink_attention` — one program per (query, block of heads); online softmax over the query's index
   list in blocks, started from the sink logit (m = sink, l = 1), so the sink only enlarges the
   denominator and an all −1 list gives exactly 0.  Decode and prefill are the same kernel.
-* `indexer_topk` — a scores kernel (ReLU(q·k)·w summed over indexer heads, −inf past `visible`)
-  over (query, key block) tiles, then one selection program per query: a 32-step radix select of the
-  k-th largest score on order-preserving integer keys, then a stable pass emitting every index above it
-  plus the lowest-index ties, in ascending index order (the set equals the stable top-k of §11.1b).
+* `indexer_topk` — one launch, one program per query: streams the causally visible keys in blocks,
+  scores them (Σ_h w_h·ReLU(q_h·k), float32 dots) and keeps a running top-k as packed (score, index)
+  integers merged with `tl.topk`; blocks that cannot beat the current k-th best skip the merge.  Output
+  order = the op path's stable sort (score descending, lower index first on ties), −1 padded.
 * `hc_pre` / `hc_post` — mHC collapse (RMS, mixing projection, sigmoids, Sinkhorn on the hc×hc matrix
   in registers, weighted sum of streams) and expand, one program per token (per D-block for expand).
 * `moe` — routed (token, expert) pairs sorted by expert and padded per expert to the row tile; a fused
@@ -178,99 +178,62 @@ def sink_attention(q, kv, idx, sink, scale, bf16_dot: bool = False):
     return out
 
 
-# ====================================================================== lightning indexer + top-k
+# ====================================================================== lightning indexer fused with top-k
 @triton.jit
-def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, vis_ptr, sc_ptr, S, NH, N, C,
-                           BH: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BF16: tl.constexpr):
+def _indexer_topk_kernel(q_ptr, w_ptr, k_ptr, vis_ptr, out_ptr, S, NH, N, C, TOPK,
+                         BH: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr):
+    """One program per query row (b·S + s): stream the visible keys in blocks of BK, keep the best BK.
+
+    A candidate is one int64 that sorts like (score descending, index ascending): the high 32 bits are
+    the score's order-preserving integer, the low 32 bits 2³¹−1−index.  So the running top-k is a plain
+    integer top-k (`tl.topk` over [best | block]), the order of the result is the order of the op path's
+    stable sort, and the k-th best is a threshold below which a whole block is skipped without a merge."""
     row = tl.program_id(0)
-    pn = tl.program_id(1)
     b = row // S
     hs = tl.arange(0, BH)
     cs = tl.arange(0, BC)
-    ns = pn * BN + tl.arange(0, BN)
     q = tl.load(q_ptr + (row * NH + hs[:, None]) * C + cs[None, :], mask=(hs[:, None] < NH) & (cs[None, :] < C),
                 other=0.0).to(tl.float32)
     w = tl.load(w_ptr + row * NH + hs, mask=hs < NH, other=0.0).to(tl.float32)
-    keys = tl.load(k_ptr + (b * N + ns[:, None]) * C + cs[None, :], mask=(ns[:, None] < N) & (cs[None, :] < C),
-                   other=0.0).to(tl.float32)
-    dots = _mm(q, tl.trans(keys), BF16)                                         # [BH, BN]
-    score = tl.sum(tl.maximum(dots, 0.0) * w[:, None], 0)
-    score = tl.where(score == 0.0, 0.0, score)                                  # −0 ties +0 (stable order)
-    vis = tl.load(vis_ptr + row)
-    score = tl.where(ns < vis, score, float("-inf"))
-    tl.store(sc_ptr + row * N + ns, score, mask=ns < N)
-
-
-@triton.jit
-def _topk_select_kernel(sc_ptr, vis_ptr, out_ptr, N, TOPK, BN: tl.constexpr, BO: tl.constexpr):
-    row = tl.program_id(0)
     vis = tl.minimum(tl.load(vis_ptr + row), N)
-    # order-preserving unsigned key in int64: larger score ↔ larger key
-    prefix = tl.zeros((), dtype=tl.int64)
-    want = tl.minimum(vis, TOPK).to(tl.int64)
-    one = tl.full((), 1, tl.int64)
-    for i in range(32):
-        cand = prefix | (one << (31 - i))
-        cnt = tl.zeros((), dtype=tl.int64)
-        for n0 in range(0, N, BN):
-            ns = n0 + tl.arange(0, BN)
-            bits = tl.load(sc_ptr + row * N + ns, mask=ns < vis, other=0.0).to(tl.int32, bitcast=True)
-            key = tl.where(bits >= 0, bits.to(tl.int64) + 2147483648, (~bits).to(tl.int64))
-            cnt += tl.sum(((key >= cand) & (ns < vis)).to(tl.int64), 0)
-        prefix = tl.where(cnt >= want, cand, prefix)
-    # prefix is now the key of the want-th largest score: emit keys above it, then lowest-index ties
-    n_gt = tl.zeros((), dtype=tl.int64)
-    for n0 in range(0, N, BN):
-        ns = n0 + tl.arange(0, BN)
-        bits = tl.load(sc_ptr + row * N + ns, mask=ns < vis, other=0.0).to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits.to(tl.int64) + 2147483648, (~bits).to(tl.int64))
-        n_gt += tl.sum(((key > prefix) & (ns < vis)).to(tl.int64), 0)
-    ties_left = want - n_gt
-    written = tl.zeros((), dtype=tl.int64)
-    for n0 in range(0, N, BN):
-        ns = n0 + tl.arange(0, BN)
-        bits = tl.load(sc_ptr + row * N + ns, mask=ns < vis, other=0.0).to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits.to(tl.int64) + 2147483648, (~bits).to(tl.int64))
-        live = ns < vis
-        tie = (key == prefix) & live
-        tie_rank = tl.cumsum(tie.to(tl.int64), 0)                    # 1-based rank of this tie in the block
-        take_tie = tie & (tie_rank <= ties_left)
-        sel = ((key > prefix) & live) | take_tie
-        pos = written + tl.cumsum(sel.to(tl.int64), 0) - 1
-        tl.store(out_ptr + row * TOPK + pos, ns.to(tl.int64), mask=sel)
-        written += tl.sum(sel.to(tl.int64), 0)
-        ties_left -= tl.sum(take_tie.to(tl.int64), 0)
-    os_ = tl.arange(0, BO)
-    for o0 in range(0, TOPK, BO):
-        tl.store(out_ptr + row * TOPK + o0 + os_, tl.full((BO,), -1, tl.int64),
-                 mask=(o0 + os_ >= want) & (o0 + os_ < TOPK))
+    ar = tl.arange(0, BK)
+    rr = tl.arange(0, BK // BS)
+    none = (tl.full((), -2147483647, tl.int64) - 1) << 32           # −2⁶³: below every real candidate
+    best = tl.zeros((BK,), tl.int64) + none
+    for n0 in range(0, vis, BK):
+        blk = tl.zeros((BK // BS, BS), tl.int64) + none
+        for t in tl.static_range(BK // BS):
+            ns = n0 + t * BS + tl.arange(0, BS)
+            live = ns < vis
+            keys = tl.load(k_ptr + (b * N + ns[:, None]) * C + cs[None, :], mask=live[:, None] & (cs[None, :] < C),
+                           other=0.0).to(tl.float32)
+            dots = tl.dot(q, tl.trans(keys), input_precision="ieee")                      # [BH, BS]
+            score = tl.sum(tl.maximum(dots, 0.0) * w[:, None], 0)
+            score = tl.where(score == 0.0, 0.0, score)                                   # −0 ties +0
+            bits = score.to(tl.int32, bitcast=True)
+            order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)           # signed, monotone
+            cand = (order << 32) + (2147483647 - ns.to(tl.int64))
+            cand = tl.where(live, cand, none)
+            blk = tl.where(rr[:, None] == t, cand[None, :], blk)
+        kth = tl.max(tl.where(ar == TOPK - 1, best, none), 0)                            # k-th best so far
+        if tl.max(tl.reshape(blk, (BK,)), 0) > kth:
+            best = tl.topk(tl.reshape(tl.join(best, tl.reshape(blk, (BK,))), (2 * BK,)), BK)
+    idx = 2147483647 - (best - ((best >> 32) << 32))
+    tl.store(out_ptr + row * TOPK + ar, tl.where(best == none, -1, idx), mask=ar < TOPK)
 
 
-def indexer_scores(qi, w, keys, visible, bf16_dot: bool = False):
-    """Scores [B,S,N] float32: Σ_h ReLU(qi_h·key)·w_h for key j < visible, −inf beyond."""
+def indexer_topk(qi, w, keys, visible, k):
+    """Lightning-indexer top-k in one launch: score_j = Σ_h w_h·ReLU(qi_h·key_j) over the keys j < visible
+    (float32 dots), then the k best indices per query [B,S,k] int64, by score descending and index
+    ascending on ties (the op path's stable sort), −1 padded where fewer than k keys are visible."""
     b, s, nh, c = qi.shape
     n = keys.shape[1]
-    sc = _alloc((b, s, n), torch.float32, qi.device)
-    bn = 64
-    grid = (b * s, triton.cdiv(n, bn))
-    _indexer_scores_kernel[grid](qi.contiguous(), w.contiguous(), keys.contiguous(),
-                                 visible.contiguous().to(torch.int64), sc, s, nh, n, c,
-                                 BH=_p2(nh), BN=bn, BC=_p2(c), BF16=bf16_dot)
-    return sc
-
-
-def topk_select(scores, visible, k):
-    """Indices [B,S,k] of the k largest scores among the first `visible` (ties → lower index), in
-    ascending index order, −1 padded when fewer than k are visible."""
-    b, s, n = scores.shape
-    out = _alloc((b, s, k), torch.int64, scores.device)
-    _topk_select_kernel[(b * s,)](scores.contiguous(), visible.contiguous().to(torch.int64), out, n, k,
-                                  BN=min(1024, _p2(n)), BO=min(1024, _p2(k)))
+    out = _alloc((b, s, k), torch.int64, qi.device)
+    bk = _p2(k)
+    _indexer_topk_kernel[(b * s,)](qi.contiguous(), w.contiguous(), keys.contiguous(),
+                                   visible.contiguous().to(torch.int64), out, s, nh, n, c, k,
+                                   BH=_p2(nh), BC=_p2(c), BS=min(bk, _TILE), BK=bk)
     return out
-
-
-def indexer_topk(qi, w, keys, visible, k, bf16_dot: bool = False):
-    return topk_select(indexer_scores(qi, w, keys, visible, bf16_dot), visible, k)
 
 
 # ====================================================================== mHC

@@ -9,6 +9,12 @@ Two paths per composite:
 
 Numerics mirror the NumPy reference: `float64` (oracle-grade), `float32`, and `bfloat16` = float32
 compute with values rounded to bf16 at the `act` points.  `emulate=True` adds the official QAT numerics.
+
+Decode state in `bfloat16` mode stores the cache schema's "act" buffers (window, compressed entries,
+indexer keys) as real torch.bfloat16 — lossless, since every value written there is already bf16-rounded —
+and the "hp" compressor rows in float32 (`state_dtype`).  Reads need no explicit casts: `torch.cat`
+promotes the bf16 window/entries to float32, `scatter_rows` keeps the buffer's dtype, and `hp` upcasts
+(the indexer keys on the op path).
 """
 
 from __future__ import annotations
@@ -61,6 +67,18 @@ class TorchOps(Ops):
     # ------------------------------------------------------------------ dtype points
     def act(self, x):
         return x.to(torch.bfloat16).to(self.dt) if self.dtype == "bfloat16" else x
+
+    def hp(self, x):
+        """Compute precision: upcasts bf16-stored state (exact); everything else passes through."""
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != self.dt:
+            return x.to(self.dt)
+        return x
+
+    def state_dtype(self, kind: str) -> torch.dtype:
+        """Storage dtype of a cache buffer of `kind` ("act" | "hp" | "int", see `portable.cache`)."""
+        if kind == "int":
+            return torch.int64
+        return torch.bfloat16 if kind == "act" and self.dtype == "bfloat16" else self.dt
 
     # ------------------------------------------------------------------ primitives
     def asarray(self, x, kind="float"):
@@ -171,7 +189,11 @@ class TorchOps(Ops):
     def indexer_round(self, x):
         if not self.emulate:
             return x
-        h = torch.as_tensor(quant.hadamard(x.shape[-1], np.float64), dtype=x.dtype, device=x.device)
+        key = ("hadamard", x.shape[-1], x.dtype)      # cached: no host→device copy inside a graph capture
+        if key not in self._consts:
+            self._consts[key] = torch.as_tensor(quant.hadamard(x.shape[-1], np.float64), dtype=x.dtype,
+                                                device=x.device)
+        h = self._consts[key]
         return numerics.act_fp4_round(torch.matmul(x, h), 32)
 
     # ------------------------------------------------------------------ kernel dispatch of the composites

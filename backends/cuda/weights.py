@@ -24,6 +24,14 @@ from .numerics import E2M1_TABLE, E8M0_TABLE
 
 # byte → (value of the low nibble, value of the high nibble): one gather decodes two packed FP4 weights
 FP4_PAIRS = np.stack([E2M1_TABLE[np.arange(256) & 0xF], E2M1_TABLE[np.arange(256) >> 4]], -1)
+_FP4_PAIRS_ON: dict = {}     # (device, dtype) → FP4_PAIRS there: uploaded once, never inside a graph capture
+
+
+def _fp4_pairs(device, dtype) -> torch.Tensor:
+    key = (str(device), dtype)
+    if key not in _FP4_PAIRS_ON:
+        _FP4_PAIRS_ON[key] = torch.as_tensor(FP4_PAIRS, device=device, dtype=dtype)
+    return _FP4_PAIRS_ON[key]
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,8 +64,7 @@ def dequantize(w: TorchQuant, dtype) -> torch.Tensor:
         b = quant.FP8_BLOCK
         s = w.scale.repeat_interleave(b, -2)[..., :m, :].repeat_interleave(b, -1)[..., :n]
         return w.data.to(dtype) * s.to(dtype)
-    pairs = torch.as_tensor(FP4_PAIRS, device=w.data.device, dtype=dtype)
-    vals = pairs[w.data.long()].reshape(*lead, m, n)
+    vals = _fp4_pairs(w.data.device, dtype)[w.data.long()].reshape(*lead, m, n)
     return vals * w.scale.to(dtype).repeat_interleave(quant.FP4_BLOCK, -1)
 
 

@@ -62,33 +62,54 @@ def test_sink_attention(K, op, gen, s):
     _close(got[1, 0], p1[:, None] * kv[1, 3][None])
 
 
-def _as_sets(sel):
-    return torch.where(sel < 0, 1 << 40, sel).sort(-1)[0]
-
-
-def test_indexer_topk(K, op, gen):
-    b, s, nh, c, n, k = 2, 4, 6, 40, 53, 8
+def _indexer_inputs(gen, b, s, nh, c, n, palette=None):
     qi = torch.randn(b, s, nh, c, generator=gen)
     w = torch.randn(b, s, nh, generator=gen)
-    keys = torch.randn(b, n, c, generator=gen)
-    keys[:, 10:20] = keys[:, 30:31]                 # exact ties: the lower indices must win
-    keys[:, 40:45] = 0.0                            # exact zero scores (±0 ties)
-    visible = torch.tensor([[0, 1, 9, 53], [25, 46, 53, 5]])
+    if palette is None:
+        keys = torch.randn(b, n, c, generator=gen)
+    else:                                           # keys drawn from a few vectors: ties everywhere
+        keys = torch.randn(palette, c, generator=gen)[torch.randint(0, palette, (b, n), generator=gen)]
+    return qi, w, keys
+
+
+@pytest.mark.parametrize("nh,c,n,k,palette", [(6, 40, 53, 8, None), (3, 16, 70, 12, None), (5, 24, 45, 7, 3)],
+                         ids=["k8", "k12", "ties"])
+def test_indexer_topk_fused(K, op, gen, nh, c, n, k, palette):
+    """The fused kernel returns exactly the op path's indices, in its order (score descending, lower index
+    first on ties), with −1 padding: N not a multiple of the merge block (BK = next pow2 ≥ k, ≥ 16), nothing
+    visible, one visible, fewer visible than k, all visible, causal (prefill) visibility, ties."""
+    b, s = 2, 4
+    qi, w, keys = _indexer_inputs(gen, b, s, nh, c, n, palette)
+    if palette is None:
+        keys[:, 14:19] = keys[:, 30:31]             # exact ties straddling the first block boundary (16)
+        keys[:, 40:44] = 0.0                        # exact zero scores (±0 ties)
+    visible = torch.tensor([[0, 1, k - 2, n], [17, n - 7, n, 33]])
     got = K.indexer_topk(qi, w, keys, visible, k)
     want = op.indexer_topk(qi, w, keys, visible, k)
-    assert torch.equal(_as_sets(got), _as_sets(want))
-    assert (got[0, 0] == -1).all() and (got[0, 1] == torch.tensor([0] + [-1] * 7)).all()
+    assert torch.equal(got, want)
+    assert (got[0, 0] == -1).all()
+    assert torch.equal(got[0, 1], torch.tensor([0] + [-1] * (k - 1)))
+    assert (got[0, 2, :k - 2] >= 0).all() and (got[0, 2, k - 2:] == -1).all()
+    assert (got[got >= 0] < visible[..., None].expand_as(got)[got >= 0]).all()
 
 
-def test_topk_select_ties_prefer_lower_index(K, op, gen):
-    scores = torch.randint(0, 4, (3, 2, 70), generator=gen).float()      # massive ties
-    visible = torch.tensor([[70, 33], [1, 0], [64, 69]])
-    got = K.topk_select(scores, visible, 9)
-    j = torch.arange(70)
-    masked = torch.where(j < visible[..., None], scores, float("-inf"))
-    want = op.topk(masked, 9)
-    want = torch.where(want < visible[..., None], want, -1)
-    assert torch.equal(_as_sets(got), _as_sets(want))
+def test_indexer_topk_tie_order_and_pruning(K, gen):
+    """Hand-built scores (one head, one-hot keys, weight 1 → score_j = q·key_j exactly): equal scores come
+    out in ascending index order, a block whose best only *ties* the current k-th (at a higher index) is
+    rightly skipped, and a later block with a strictly better score still enters."""
+    n, c, k = 70, 16, 5
+    vals = torch.full((n,), 1.0)
+    vals[3], vals[9], vals[40], vals[41], vals[66] = 2.0, 2.0, 2.0, 3.0, 2.0
+    vals[20:36] = 1.5                               # a whole middle block that only ties the k-th best
+    qi = torch.zeros(1, 1, 1, c)
+    qi[..., 0] = 1.0
+    keys = torch.zeros(1, n, c)
+    keys[0, :, 0] = vals
+    keys[0, :, 1:] = torch.randn(n, c - 1, generator=gen)      # orthogonal to qi: no effect on scores
+    got = K.indexer_topk(qi, torch.ones(1, 1, 1), keys, torch.tensor([[n]]), k)
+    assert got.tolist() == [[[41, 3, 9, 40, 66]]]
+    got = K.indexer_topk(qi, torch.ones(1, 1, 1), keys, torch.tensor([[40]]), k)
+    assert got.tolist() == [[[3, 9, 20, 21, 22]]]
 
 
 @pytest.mark.parametrize("hc,d", [(4, 200), (3, 70)])
