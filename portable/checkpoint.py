@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,6 +274,29 @@ class Checkpoint:
             self._maps[entry.file] = np.memmap(self._files[entry.file], dtype=np.uint8, mode="r")
         buf = self._maps[entry.file][entry.begin:entry.begin + spec.nbytes]
         return buf.view(NP_DTYPE[spec.dtype]).reshape(spec.shape)
+
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Tensor `name` in its stored dtype (as `raw`), copied with bounded positional reads into `out`
+        (C-contiguous, right size) or a fresh array.  Unlike `raw`'s map, nothing stays resident in the
+        process after the copy: backends that convert weights into their own memory use this so the load's
+        peak is the weights once, not the checkpoint pages plus the copy."""
+        entry = self._entry(name)
+        spec = entry.spec
+        if out is None:
+            out = np.empty(spec.shape, NP_DTYPE[spec.dtype])
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        if buf.nbytes != spec.nbytes:
+            raise ValueError(f"{name}: buffer of {buf.nbytes} bytes for a {spec.nbytes}-byte tensor")
+        fd, done = os.open(self._files[entry.file], os.O_RDONLY), 0
+        try:
+            while done < spec.nbytes:
+                n = os.preadv(fd, [buf[done:]], entry.begin + done)
+                if n <= 0:
+                    raise CheckpointError(f"tensor {name!r}: {entry.file} ended after {done} of {spec.nbytes} bytes")
+                done += n
+        finally:
+            os.close(fd)
+        return out
 
     def array(self, name: str, dtype=np.float32) -> np.ndarray:
         """Decoded values of a plain tensor (BF16/F8 decoded, ints cast); packed FP4 needs `quant_weight`."""

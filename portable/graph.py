@@ -211,7 +211,7 @@ def mtp_forward(o: Ops, W, cfg: ModelConfig, state: dict, streams, ids_next):
     start = state["start"]
     pos = _positions(o, start, s)
     ropes = rope_tables(o, cfg, pos)
-    eps, dim, hc = cfg.rms_norm_eps, cfg.hidden_size, cfg.hc_mult
+    eps, dim = cfg.rms_norm_eps, cfg.hidden_size
     p = "mtp.0."
     e = o.rms_norm(o.act(o.take(W["embed.weight"], ids_next, 0)), W[p + "enorm.weight"], eps)
     z = o.rms_norm(streams, W[p + "hnorm.weight"], eps)

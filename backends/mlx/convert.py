@@ -11,7 +11,8 @@ Formats (see qlinear.py for the measured errors):
 * q_mode="mxfp4", bits=4: FP8 weights requantized to mxfp4 (smaller, ≈10% weight error on them).
 * q_mode="affine", bits=4|8: every FP8/FP4 weight requantized to affine with groups of 32.
 
-Work goes one tensor (or one layer's expert bank) at a time, so peak memory is one shard plus one layer.
+Tensors are read with bounded reads (weights.TensorReader), one tensor or expert bank at a time, so peak
+memory is one output shard (`shard_bytes`) plus one bank.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from dsv4.portable.checkpoint import INDEX_NAME, Checkpoint
 from dsv4.portable.config import ModelConfig
 
 from . import qlinear
-from .weights import EXPERT_PROJ, FORMAT_KEY, FORMAT_VERSION, converted_format
+from .weights import EXPERT_PROJ, FORMAT_KEY, FORMAT_VERSION, CheckpointWeights, converted_format
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -80,13 +80,8 @@ def _plan(ckpt: Checkpoint) -> list[tuple[str, str, list[str]]]:
     return plan
 
 
-def _plain(ckpt: Checkpoint, name: str) -> mx.array:
-    arr = mx.array(np.asarray(ckpt.raw(name)))
-    return arr.view(mx.bfloat16) if ckpt.spec(name).dtype == "BF16" else arr
-
-
 def convert(src_dir, out_dir, bits: int = 8, q_mode: str = "mxfp4",
-            progress: Callable[[int, int], None] | None = None, shard_bytes: int = 2 << 30) -> Path:
+            progress: Callable[[int, int], None] | None = None, shard_bytes: int = 1 << 30) -> Path:
     """Write the MLX-ready form of the checkpoint at `src_dir` into `out_dir` (created; must be empty).
 
     `progress(done_bytes, total_bytes)` is called after each tensor group with source bytes processed."""
@@ -109,20 +104,19 @@ def convert(src_dir, out_dir, bits: int = 8, q_mode: str = "mxfp4",
     done = 0
     layouts: dict = {}
     writer = _ShardWriter(out, shard_bytes)
+    weights = CheckpointWeights(ckpt, bits, q_mode)       # bounded reads, one tensor or bank at a time
     for name, kind, srcs in plan:
         if kind == "plain":
-            writer.add(name, _plain(ckpt, name))
+            writer.add(name, weights.reader.read_mx(name))
         elif kind == "linear":
-            q = qlinear.from_quant(ckpt.quant_weight(name), bits, q_mode)
+            q = weights.linear(name)
             layouts[name] = [q.mode, q.bits]
             for suffix, arr in q.arrays().items():
                 writer.add(f"{name}.{suffix}", arr)
         else:
             n = sum(1 for s in srcs if s.endswith(".w1.weight"))
             for p in EXPERT_PROJ:
-                q = qlinear.stack([qlinear.from_quant(ckpt.quant_weight(f"{name}{e}.{p}"), bits, q_mode)
-                                   for e in range(n)])
-                mx.eval(*q.arrays().values())
+                q = weights.bank(name, p, n)
                 layouts[name + p] = [q.mode, q.bits]
                 for suffix, arr in q.arrays().items():
                     writer.add(f"{name}{p}.{suffix}", arr)

@@ -211,7 +211,7 @@ def pool_entry(cfg, x, j, m, c, wkv, wgate, ape, norm_w, inv_freq):
 def attention(cfg, W, pre, ratio, x):
     """One attention sub-layer. x [T, D] = attn-normed collapsed stream.  Returns [T, D]."""
     T, D = x.shape
-    H, d, r = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim
+    H, d = cfg.num_attention_heads, cfg.head_dim
     eps = cfg.rms_norm_eps
     inv = rope_inv_freq(cfg, ratio)
     g = lambda name: _f64(W[pre + name])  # noqa: E731

@@ -138,6 +138,21 @@ def test_sharded_round_trip(tmp_path, tiny_tensors):
     assert ck.raw("layers.0.ffn.gate.tid2eid").dtype == np.int64
 
 
+def test_read_copies_without_a_map(tmp_path, tiny_tensors):
+    """`read` returns the same bytes as `raw`, as a plain array (nothing mapped), into a given buffer too."""
+    _write(tmp_path, tiny_tensors)
+    ck = Checkpoint(tmp_path)
+    for name in ("embed.weight", "layers.1.attn.wq_a.weight", "layers.0.ffn.experts.3.w2.scale"):
+        got = ck.read(name)
+        assert not isinstance(got, np.memmap)
+        np.testing.assert_array_equal(got, ck.raw(name), err_msg=name)
+    out = np.full(ck.spec("norm.weight").shape, 7, dtype=np.uint16)
+    assert ck.read("norm.weight", out) is out
+    np.testing.assert_array_equal(out, tiny_tensors["norm.weight"][1])
+    with pytest.raises(ValueError, match="buffer of 2 bytes"):
+        ck.read("norm.weight", np.zeros(1, np.uint16))
+
+
 def test_quant_weights_read_back(tmp_path):
     rng = np.random.default_rng(3)
     w8, w4, wb = rng.standard_normal((130, 200)), rng.standard_normal((64, 96)), rng.standard_normal((3, 5))
