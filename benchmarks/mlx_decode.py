@@ -3,7 +3,8 @@
 For each config (the `tiny` preset and a `medium` synthetic one: hidden 2048, 8 layers, 64 experts top-6),
 in a fresh subprocess so peak RSS belongs to that model alone:
 * decode tok/s: single-token steps at batch 1 after a short prompt;
-* prefill tok/s at each length in --prefill (skipped above the model's context);
+* prefill tok/s at each length in --prefill (skipped above the model's context, and skipped with the
+  reason recorded when the rate measured at the previous length projects it past --prefill-budget-s);
 * bandwidth ratio: bytes of weights one decoded token touches (everything but the embedding table and the
   routed experts, plus one embedding row and top-k/E of the routed banks) ÷ step time, against memcpy
   bandwidth measured in the same run (bytes copied ÷ time; target ≥ 0.7 on medium);
@@ -12,8 +13,11 @@ in a fresh subprocess so peak RSS belongs to that model alone:
 
 Prints a table and writes benchmarks/results/mlx.json.  Never pass/fail.  Example (quick, CPU):
     python benchmarks/mlx_decode.py --configs tiny,medium --prefill 1024 --decode 8
-On this 2-core CPU machine prefill runs at a few tokens/s on medium (MoE gather kernels decode weights per
-row), so 8K/32K prefill take hours there; they are meant for Metal.
+On this 2-core CPU machine prefill runs at about 2 tokens/s on medium, so 8K/32K prefill would take hours
+there (the budget skips them); they are meant for Metal.  The limit is MLX's CPU arithmetic, not weight
+decoding: its float32 matmul is the bundled reference BLAS (~1.6 GFLOP/s here, NumPy's OpenBLAS ~190)
+and its quantized kernels run ~3–4 GFLOP/s on one thread, per row or per expert group alike, so grouping
+MoE rows by expert (which the GPU path does) gains nothing on this CPU.
 """
 
 from __future__ import annotations
@@ -132,7 +136,7 @@ def touched_bytes(model) -> int:
     return total
 
 
-def measure(path: Path, prefill: list[int], decode: int, dtype: str) -> dict:
+def measure(path: Path, prefill: list[int], decode: int, dtype: str, budget_s: float) -> dict:
     import mlx.core as mx
 
     import dsv4
@@ -151,10 +155,17 @@ def measure(path: Path, prefill: list[int], decode: int, dtype: str) -> dict:
         _, state = m.step(state, rng.integers(3, vocab, (1, 1)))
         steps.append(time.perf_counter() - t)
     step_s = float(np.median(steps[2:]))                  # the first steps include any compile
-    pre = {}
-    for n in prefill:
+    pre, skipped = {}, {}
+    for n in sorted(prefill):
         if n > m.context:
+            skipped[str(n)] = f"above the model's context ({m.context} tokens)"
             continue
+        if pre:
+            rate = list(pre.values())[-1]          # attention grows with length: a lower bound on the time
+            if n / rate > budget_s:
+                skipped[str(n)] = (f"projected ≥ {n / rate:.0f} s at the {rate:.2f} tok/s measured at "
+                                   f"{list(pre)[-1]} > budget {budget_s:.0f} s")
+                continue
         t = time.perf_counter()
         m.step(m.new_state(1), rng.integers(3, vocab, (1, n)))
         pre[str(n)] = n / (time.perf_counter() - t)
@@ -163,7 +174,7 @@ def measure(path: Path, prefill: list[int], decode: int, dtype: str) -> dict:
     rss = vm_status("VmHWM")
     return {"device": str(mx.default_device()), "dtype": dtype, "compiled_decode":   # a bound method when eager, an mx.compile'd function when not
             getattr(m.runner._decode, "__self__", None) is None, "checkpoint_bytes": ckpt_bytes, "weight_bytes_held": m.runner.weights.nbytes(),
-            "load_s": load_s, "decode_tok_s": 1.0 / step_s, "prefill_tok_s": pre,
+            "load_s": load_s, "decode_tok_s": 1.0 / step_s, "prefill_tok_s": pre, "prefill_skipped": skipped,
             "bytes_per_token": touched, "weight_bw_bytes_s": touched / step_s, "memcpy_bytes_s": bw,
             "bw_ratio": touched / step_s / bw, "peak_rss_load_bytes": rss_load, "rss_load_ratio": rss_load / ckpt_bytes,
             "peak_rss_run_bytes": rss, "rss_run_ratio": rss / ckpt_bytes}
@@ -176,27 +187,32 @@ def main():
     ap.add_argument("--decode", type=int, default=32, help="decode steps to time")
     ap.add_argument("--medium-inter", type=int, default=768, help="expert width of medium (768: 1.88 GB)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prefill-budget-s", type=float, default=300.0,
+                    help="skip a prefill length projected (from the previous length's rate) to take longer")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dsv4-bench"))
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     prefill = [int(x) for x in args.prefill.split(",") if x]
     if args.one:
-        print(json.dumps(measure(Path(args.one), prefill, args.decode, args.dtype)))
+        print(json.dumps(measure(Path(args.one), prefill, args.decode, args.dtype, args.prefill_budget_s)))
         return
     root = Path(args.cache)
     results = {"machine": platform.platform(), "python": platform.python_version(), "configs": {}}
     for name in args.configs.split(","):
         path = checkpoint_dir(name, args.medium_inter, root)
         out = subprocess.run([sys.executable, __file__, "--one", str(path), "--prefill", args.prefill,
-                              "--decode", str(args.decode), "--dtype", args.dtype],
+                              "--decode", str(args.decode), "--dtype", args.dtype,
+                              "--prefill-budget-s", str(args.prefill_budget_s)],
                              capture_output=True, text=True, check=True)
         results["configs"][name] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{'config':8} {'ckpt MB':>8} {'decode tok/s':>12} {'prefill tok/s':>28} {'bw ratio':>8} "
           f"{'RSS/ckpt load':>13} {'RSS/ckpt run':>12}")
     for name, r in results["configs"].items():
-        pre = " ".join(f"{k}:{v:.0f}" for k, v in r["prefill_tok_s"].items())
+        pre = " ".join(f"{k}:{v:.1f}" for k, v in r["prefill_tok_s"].items())
         print(f"{name:8} {r['checkpoint_bytes'] / 1e6:8.1f} {r['decode_tok_s']:12.2f} {pre:>28} "
               f"{r['bw_ratio']:8.3f} {r['rss_load_ratio']:13.3f} {r['rss_run_ratio']:12.3f}")
+        for k, why in r["prefill_skipped"].items():
+            print(f"  {name} prefill {k} skipped: {why}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(f"wrote {RESULTS}")

@@ -24,6 +24,7 @@ from dsv4.portable.ops import Ops
 from .qlinear import ExpertBank, QLinear
 
 ACT_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+SORT_PAIRS = 64          # (token, slot) pairs from which `moe` may group rows by expert (prefill)
 
 
 def on_cpu() -> bool:
@@ -33,11 +34,14 @@ def on_cpu() -> bool:
 class MlxOps(Ops):
     name = "mlx"
 
-    def __init__(self, dtype: str = "float32"):
+    def __init__(self, dtype: str = "float32", sort_experts: bool | None = None):
+        """sort_experts: group prefill MoE rows by expert (see `moe`); None = only off the CPU, where
+        MLX's kernels exploit the order (its CPU gather does not, so sorting there only adds work)."""
         if dtype not in ACT_DTYPES:
             raise ValueError(f"mlx backend dtype must be one of {', '.join(ACT_DTYPES)}, got {dtype!r}")
         self.dtype = dtype
         self.adt = ACT_DTYPES[dtype]
+        self.sort_experts = (not on_cpu()) if sort_experts is None else sort_experts
 
     # ------------------------------------------------------------------ dtype points
     def hp(self, x):
@@ -136,16 +140,35 @@ class MlxOps(Ops):
         return mx.reshape(y, lead + [groups, y.shape[-1]])
 
     def moe(self, x, idx, wts, experts, limit):
-        """Routed experts through gather (quantized) matmuls over the stacked bank: x [N,D], idx/wts [N,k].
+        """Routed experts over the stacked bank: x [N,D], idx/wts [N,k] → Σ_k wts·Expert_idx(x) [N,D].
+
+        Decode (fewer than SORT_PAIRS (token, slot) pairs), and every call when `sort_experts` is off: one
+        gather matmul per projection, a pair per batch entry.  Prefill with `sort_experts`: the pairs are
+        sorted by expert and run through `gather_qmm(sorted_indices=True)`, so the GPU kernels read each
+        expert's weights once per chunk for all its rows; the results return to pair order and the k
+        slots of a token are summed in slot order, so both paths give the same values.  Traceable.
 
         The routing weight multiplies the activation before w2, as `Ops.expert` does.  Like every matmul
         here it computes in float32, which also keeps MLX's CPU `gather_mm` (float32-only) usable."""
         if not isinstance(experts, ExpertBank):
             return super().moe(x, idx, wts, experts, limit)
         n, d = x.shape
-        xe = mx.reshape(self.hp(x), (n, 1, 1, d))
-        g = mx.minimum(self.hp(experts.w1.apply(xe, idx)), limit)                  # [N, k, 1, I]
-        u = mx.clip(self.hp(experts.w3.apply(xe, idx)), -limit, limit)
-        a = self.hp(self.act(g * mx.sigmoid(g) * u * mx.reshape(self.hp(wts), (n, -1, 1, 1))))
-        y = self.hp(experts.w2.apply(a, idx))                                       # [N, k, 1, D]
-        return mx.sum(y, axis=(1, 2))
+        k = idx.shape[1]
+        if not self.sort_experts or n * k < SORT_PAIRS:
+            xe = mx.reshape(self.hp(x), (n, 1, 1, d))
+            y = self._swiglu_w2(experts, xe, mx.reshape(self.hp(wts), (n, k, 1, 1)), limit, idx)  # [N,k,1,D]
+            return mx.sum(y, axis=(1, 2))
+        flat = mx.reshape(idx, (-1,))
+        order = mx.argsort(flat)                                              # pair ids grouped by expert
+        xs = mx.take(self.hp(x), order // k, axis=0)[:, None]                 # [P,1,D], P = N·k
+        ws = mx.take(mx.reshape(self.hp(wts), (-1, 1, 1)), order, axis=0)
+        y = self._swiglu_w2(experts, xs, ws, limit, mx.take(flat, order), sorted_indices=True)   # [P,1,D]
+        back = mx.take(y[:, 0], mx.argsort(order), axis=0)                    # pair order again
+        return mx.sum(mx.reshape(back, (n, k, d)), axis=1)
+
+    def _swiglu_w2(self, experts, x, coef, limit, rhs_indices, sorted_indices=False):
+        """w2(clamped SwiGLU(x)·coef) with each row's expert gathered by `rhs_indices`."""
+        g = mx.minimum(self.hp(experts.w1.apply(x, rhs_indices, sorted_indices)), limit)
+        u = mx.clip(self.hp(experts.w3.apply(x, rhs_indices, sorted_indices)), -limit, limit)
+        a = self.hp(self.act(g * mx.sigmoid(g) * u * coef))
+        return self.hp(experts.w2.apply(a, rhs_indices, sorted_indices))

@@ -80,13 +80,15 @@ class QLinear:
     def _kw(self):
         return dict(group_size=GROUP, bits=self.bits, mode=self.mode)
 
-    def apply(self, x, rhs_indices=None):
-        """x Wᵀ; with `rhs_indices` the batch of W is gathered (experts) as in `mx.gather_qmm`."""
+    def apply(self, x, rhs_indices=None, sorted_indices=False):
+        """x Wᵀ; with `rhs_indices` the batch of W is gathered (experts) as in `mx.gather_qmm`, and
+        `sorted_indices` promises they are ascending (rows grouped by expert), which lets the GPU kernels
+        walk each expert's weights once for all its rows."""
         if self.mode == "dense":
             wt = mx.swapaxes(self.w, -1, -2)
             if rhs_indices is None:
                 return mx.matmul(x, wt)
-            return mx.gather_mm(x, wt.astype(x.dtype), rhs_indices=rhs_indices)
+            return mx.gather_mm(x, wt.astype(x.dtype), rhs_indices=rhs_indices, sorted_indices=sorted_indices)
         if rhs_indices is None:
             if x.size // x.shape[-1] >= DENSE_ROWS and self.w.ndim == 2:
                 # many rows (prefill): MLX's quantized matmul decodes the weight again for every row on the
@@ -94,7 +96,7 @@ class QLinear:
                 return mx.matmul(x, mx.swapaxes(self.dense(mx.float32), -1, -2))
             return mx.quantized_matmul(x, self.w, self.scales, self.biases, transpose=True, **self._kw())
         return mx.gather_qmm(x, self.w, self.scales, self.biases, rhs_indices=rhs_indices, transpose=True,
-                             **self._kw())
+                             sorted_indices=sorted_indices, **self._kw())
 
     def dense(self, dtype=mx.float32):
         if self.mode == "dense":

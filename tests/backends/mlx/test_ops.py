@@ -4,6 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from dsv4.backends.mlx import ops as ops_mod
 from dsv4.backends.mlx import qlinear
 from dsv4.backends.mlx.ops import MlxOps
 from dsv4.portable import quant
@@ -87,6 +88,27 @@ def test_moe_over_expert_bank_matches_dense_reference(dtype):
     got = ops.moe(ops.act(mx.array(x)), mx.array(idx.astype(np.int32)), mx.array(wts), bank, 10.0)
     want = ref.moe(xin, idx, wts.astype(ref.dt), raw, 10.0)
     np.testing.assert_allclose(_np(got), want, rtol=2e-5 if dtype == "float32" else 1e-2, atol=1e-5)
+
+
+def test_moe_expert_sorted_prefill_path_equals_the_per_pair_gather():
+    """Prefill-sized MoE grouped by expert (pairs ≥ SORT_PAIRS, the GPU default, forced here) gives the
+    per-pair gather's values (token by token, as decode runs) and the dense reference."""
+    rng = np.random.default_rng(11)
+    e, d, inter, n, k = 7, 64, 96, 40, 3
+    raw = [(quant.quantize_fp4(_rand(rng, inter, d) / 8), quant.quantize_fp4(_rand(rng, d, inter) / 10),
+            quant.quantize_fp4(_rand(rng, inter, d) / 8)) for _ in range(e)]
+    bank = qlinear.ExpertBank(*(qlinear.stack([qlinear.from_quant(t[j]) for t in raw]) for j in range(3)))
+    x = _rand(rng, n, d)
+    idx = np.stack([rng.choice(e - 1, k, replace=False) for _ in range(n)])   # expert e-1 gets no token
+    wts = rng.uniform(0.2, 1.0, (n, k)).astype(np.float32)
+    assert n * k >= ops_mod.SORT_PAIRS > k
+    ops = MlxOps("float32", sort_experts=True)
+    got = _np(ops.moe(mx.array(x), mx.array(idx.astype(np.int32)), mx.array(wts), bank, 10.0))
+    rows = [_np(ops.moe(mx.array(x[i:i + 1]), mx.array(idx[i:i + 1].astype(np.int32)), mx.array(wts[i:i + 1]),
+                        bank, 10.0)) for i in range(n)]
+    np.testing.assert_allclose(got, np.concatenate(rows), rtol=1e-6, atol=1e-7)
+    want = R.moe(x.astype(np.float64), idx, wts.astype(np.float64), raw, 10.0)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
 
 
 def test_grouped_linear_matches_reference_decomposition():
