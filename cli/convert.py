@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .errors import EXIT_BACKEND, EXIT_USAGE, CliError, as_cli_error
+from .progress import progress_bar
 from .resolve import model_dir, stderr
 
 CONVERT_TARGETS = ("mlx",)
@@ -28,26 +28,6 @@ def import_tool(module: str, extra: str, what: str):
     except ImportError as e:
         raise CliError(f"{what} needs the {extra} extra ({e.name or e} is missing): "
                        f"pip install 'dsv4[{extra}]'", EXIT_BACKEND) from None
-
-
-@contextmanager
-def byte_progress(label: str):
-    """A progress(done_bytes, total_bytes) callback drawing a bar on stderr from its first call (so an
-    early error is not preceded by an empty bar)."""
-    bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=stderr)
-    task = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task(label, total=total)
-        bar.update(task, completed=done, total=total)
-
-    try:
-        yield progress
-    finally:
-        bar.stop()
 
 
 def check_out_dir(out: Path) -> None:
@@ -81,7 +61,7 @@ def convert(
     tool = import_tool("dsv4.backends.mlx.convert", "mlx", "converting for MLX")
     src = model_dir(model)
     check_out_dir(out)
-    with tool_errors(), byte_progress(f"converting {src.name} for {to}") as progress:
+    with tool_errors(), progress_bar(f"converting {src.name} for {to}", stderr) as progress:
         done = tool.convert(src, out, bits=bits, q_mode=q_mode, progress=progress)
     stderr.print(f"wrote {done}; run it with: dsv4 chat --model {done}", highlight=False)
 
@@ -102,6 +82,6 @@ def export(
     tool = import_tool("dsv4.export", "onnx", "exporting to ONNX")
     src = model_dir(model)
     check_out_dir(out)
-    with tool_errors(), byte_progress(f"exporting {src.name} to {fmt}") as progress:
+    with tool_errors(), progress_bar(f"exporting {src.name} to {fmt}", stderr) as progress:
         done = tool.export_onnx(src, out, dtype=dtype, context=context, mtp=not no_mtp, progress=progress)
     stderr.print(f"wrote {done}; run it with: dsv4 chat --model {done} --backend onnx", highlight=False)

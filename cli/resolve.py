@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..portable import cache
 from ..portable.config import PRESETS, ModelConfig
 from ..portable.runtime import BackendError, backend_names, get_backend
 from .errors import EXIT_BACKEND, EXIT_MEMORY, EXIT_MODEL, EXIT_USAGE, CliError, as_cli_error
+from .progress import progress_bar
 
 DEFAULT_MODEL = "demo"
 SYNTHETIC = ("demo", "tiny", "tiny2")
@@ -72,22 +72,8 @@ def model_dir(spec: str | None) -> Path:
 def build_synthetic(name: str) -> Path:
     """`ensure_tiny(name)` with a progress bar on stderr while it builds (only the first time)."""
     from ..portable.tiny import ensure_tiny
-    bar: dict = {}
-
-    def progress(done: int, total: int) -> None:
-        if not bar:
-            bar["p"] = Progress(TextColumn(f"building the {name} model (once)"), BarColumn(),
-                                TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-                                console=stderr, transient=True)
-            bar["p"].start()
-            bar["task"] = bar["p"].add_task(name, total=total)
-        bar["p"].update(bar["task"], completed=done)
-
-    try:
+    with progress_bar(f"building the {name} model (once)", stderr, units="count", transient=True) as progress:
         return ensure_tiny(name, progress=progress)
-    finally:
-        if bar:
-            bar["p"].stop()
 
 
 def model_config(path: Path) -> ModelConfig:
@@ -293,7 +279,8 @@ def resolve_context(cfg: ModelConfig, context: int | None) -> int:
 
 def load_model(model: str | None, backend: str = "auto", dtype: str = "auto", context: int | None = None,
                force: bool = False, quiet: bool = False):
-    """Resolve, check memory and load; prints the demo notice (unless `quiet`) and a spinner on stderr."""
+    """Resolve, check memory and load; prints the demo notice (unless `quiet`) and, while a backend reads
+    its weights into its own memory, a progress bar on stderr."""
     import dsv4
     path = model_dir(model)
     cfg = model_config(path)
@@ -303,8 +290,8 @@ def load_model(model: str | None, backend: str = "auto", dtype: str = "auto", co
     check_memory(estimate_memory(cfg, path, name, dt, ctx), name, force)
     if (model or DEFAULT_MODEL) == "demo" and not quiet:
         stderr.print(DEMO_NOTICE, style="yellow", soft_wrap=True)
-    with stderr.status(f"loading {path.name} on {name} ({dt})…", spinner="dots"):
+    with progress_bar(f"loading {path.name} on {name} ({dt})", stderr, transient=True) as progress:
         try:
-            return dsv4.load(path, backend=name, dtype=dt, context=ctx)
+            return dsv4.load(path, backend=name, dtype=dt, context=ctx, progress=progress)
         except ValueError as e:               # also a dtype the backend lacks, an unreadable converted dir…
             raise as_cli_error(e) or CliError(str(e).splitlines()[0], EXIT_USAGE) from None

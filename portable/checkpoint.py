@@ -6,7 +6,7 @@ header length, a JSON header `{name: {dtype, shape, data_offsets}}`, then the ra
 headers ourselves and hand out `np.memmap` views in the stored dtype:
 
     F8_E4M3, F8_E8M0, I8 (packed FP4), U8 → uint8    BF16 → uint16 (raw bf16 words)
-    F16 → float16    F32 → float32    I32 → int32    I64 → int64
+    F16 → float16    F32 → float32    I32 → int32    I64 → int64    U32 → uint32 (MLX packed codes)
 
 Opening never fails on a broken shard: every problem (bad header, truncated data, index naming a
 missing shard, ...) is recorded, reported by `validate` in one `CheckpointError` together with the
@@ -29,7 +29,7 @@ from .quant import FP4_BLOCK, FP8_BLOCK, QuantWeight, bf16_to_f32, e4m3_to_f32, 
 
 NP_DTYPE = {"F8_E4M3": np.dtype("u1"), "F8_E8M0": np.dtype("u1"), "I8": np.dtype("u1"), "U8": np.dtype("u1"),
             "BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
-            "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
+            "I32": np.dtype("<i4"), "I64": np.dtype("<i8"), "U32": np.dtype("<u4")}
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -156,6 +156,7 @@ class Checkpoint:
         self._entries: dict[str, _Entry] = {}
         self._maps: dict[str, np.memmap] = {}
         self._bad_files: set[str] = set()
+        self._progress, self._read_bytes, self._total_bytes = None, 0, 0
         if self.path.is_file():
             self._files = {self.path.name: self.path}
             expected = None
@@ -266,6 +267,18 @@ class Checkpoint:
     def spec(self, name: str) -> TensorSpec:
         return self._entry(name).spec
 
+    def watch(self, progress) -> None:
+        """Call `progress(bytes_read, bytes_total)` each time a tensor is read or mapped for use from now
+        on (None stops): backends that copy their weights into their own memory at load report the load
+        through it, and a backend reading another layout (a converted directory) through `report`."""
+        self._progress, self._read_bytes = progress, 0
+        self._total_bytes = sum(e.spec.nbytes for e in self._entries.values() if e.spec and e.spec.dtype in NP_DTYPE)
+
+    def report(self, nbytes: int) -> None:
+        if self._progress is not None:
+            self._read_bytes = min(self._read_bytes + nbytes, self._total_bytes)
+            self._progress(self._read_bytes, self._total_bytes)
+
     def raw(self, name: str) -> np.ndarray:
         """Zero-copy np.memmap view in the stored dtype (see the module docstring for the mapping)."""
         entry = self._entry(name)
@@ -273,6 +286,7 @@ class Checkpoint:
         if entry.file not in self._maps:
             self._maps[entry.file] = np.memmap(self._files[entry.file], dtype=np.uint8, mode="r")
         buf = self._maps[entry.file][entry.begin:entry.begin + spec.nbytes]
+        self.report(spec.nbytes)
         return buf.view(NP_DTYPE[spec.dtype]).reshape(spec.shape)
 
     def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
@@ -296,6 +310,7 @@ class Checkpoint:
                 done += n
         finally:
             os.close(fd)
+        self.report(spec.nbytes)
         return out
 
     def array(self, name: str, dtype=np.float32) -> np.ndarray:

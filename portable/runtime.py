@@ -185,8 +185,12 @@ def converted_for(path: Path, backend: str) -> bool:
 
 
 def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emulate: bool = False,
-         context: int | None = None, validate: bool = True, **backend_options) -> Model:
-    """Load a V4 checkpoint (official layout or a backend's converted directory) on a backend."""
+         context: int | None = None, validate: bool = True, progress=None, **backend_options) -> Model:
+    """Load a V4 checkpoint (official layout or a backend's converted directory) on a backend.
+
+    `progress(bytes_read, bytes_total)` is called while a backend copies weights into its own memory (MLX,
+    torch); the reference maps the checkpoint and reads each tensor when first used, so it reports
+    nothing at load."""
     from .checkpoint import Checkpoint
     make_runner = get_backend(backend)
     path = resolve_path(path_or_preset)
@@ -197,7 +201,9 @@ def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emu
         ckpt = Checkpoint(path)
         if validate and not converted_for(path, backend):
             ckpt.validate(cfg)
+        ckpt.watch(progress)
         runner = make_runner(cfg, ckpt, dtype=dtype, emulate=emulate, **backend_options)
+        ckpt.watch(None)
     # default context: 16K, or less where the model (or an export's fixed state capacity) allows less
     default = min(cfg.max_position_embeddings, 16384, getattr(runner, "max_len", 16384))
     ctx = min(context or default, cfg.max_position_embeddings)

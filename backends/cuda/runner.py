@@ -125,7 +125,6 @@ class CudaRunner(GraphRunner):
     def _graph_for(self, state: dict) -> _DecodeGraph:
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in state.items())
         if key not in self._graphs:
-            self.weights.load_all()
             self._eager(state, np.zeros((state["start"].shape[0], 1), dtype=np.int64))   # warm caches
             self._graphs[key] = _DecodeGraph(self, state)
         return self._graphs[key]
@@ -156,4 +155,6 @@ def make_runner(cfg, ckpt, dtype="float32", emulate=False, device=None, kernels=
     """Runner for `dsv4.load(..., backend="cuda")`.  `device` defaults to CUDA when present, else the CPU;
     `kernels` None = Triton kernels on CUDA in float32/bfloat16, True = force (CPU: TRITON_INTERPRET=1)."""
     ops = TorchOps(dtype, emulate, device, kernels)
-    return CudaRunner(cfg, ops, TorchWeights(ckpt, ops.dt, ops.device), prefill_chunk, cuda_graphs)
+    weights = TorchWeights(ckpt, ops.dt, ops.device)
+    weights.load_all()
+    return CudaRunner(cfg, ops, weights, prefill_chunk, cuda_graphs)

@@ -118,7 +118,8 @@ class TorchWeights:
         return self._cache[prefix]
 
     def load_all(self) -> None:
-        """Materialize every tensor (before capturing a CUDA graph nothing may be loaded lazily)."""
+        """Materialize every tensor, at load: the device copy is made once, up front (and a captured CUDA
+        graph may not load anything lazily)."""
         for name in self._names:
             if ".experts." in name or name.endswith(".scale"):
                 continue

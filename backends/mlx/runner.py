@@ -83,7 +83,7 @@ def make_runner(cfg, ckpt, dtype: str = "float32", emulate: bool = False, bits: 
         if bits is not None:
             raise ValueError(f"{ckpt.path} is already converted ({fmt.get('q_mode')}, {fmt.get('bits')} bits); "
                              "load it without bits=, or convert the original checkpoint again")
-        weights = ConvertedWeights(ckpt.path, fmt)
+        weights = ConvertedWeights(ckpt, fmt)
     else:
         weights = CheckpointWeights(ckpt, bits, q_mode)
     weights.load_all()

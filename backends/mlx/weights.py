@@ -188,8 +188,9 @@ class ConvertedWeights:
     """A directory written by `convert`: every tensor already in its MLX form; `config.json`'s
     `dsv4_format.tensors` names each quantized linear's mode and bits."""
 
-    def __init__(self, path, fmt: dict):
-        path = Path(path)
+    def __init__(self, ckpt, fmt: dict):
+        self.ckpt = ckpt
+        path = Path(ckpt.path)
         if fmt.get("backend") != "mlx" or fmt.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path} was converted for {fmt.get('backend')!r} format version "
                              f"{fmt.get('version')!r}; this build reads mlx version {FORMAT_VERSION}")
@@ -223,19 +224,19 @@ class ConvertedWeights:
         return self._cache[prefix]
 
     def load_all(self) -> None:
-        """Read every tensor now; lifted tensors replace their stored form (one copy of each is held)."""
+        """Read every tensor now, one at a time (reported to the checkpoint's progress watcher); lifted
+        tensors replace their stored form (one copy of each is held)."""
         quantized = {f"{prefix}.{suffix}" for prefix in self.layouts for suffix in ("weight", "scales", "biases")}
         for name in list(self._arrays):
-            if name in quantized:
-                continue
             stored = self._arrays[name]
-            lifted = _plain(stored, name)
+            nbytes = stored.nbytes
+            lifted = stored if name in quantized else _plain(stored, name)
+            mx.eval(lifted)
             if lifted is not stored:
-                mx.eval(lifted)
                 self._arrays[name] = lifted
                 del stored
                 mx.clear_cache()
-        mx.eval(list(self._arrays.values()))
+            self.ckpt.report(nbytes)
 
     def nbytes(self) -> int:
         return _nbytes(self._arrays.values())

@@ -37,6 +37,13 @@ def test_tiny_checkpoint_is_official_layout(tiny_any):
     assert (tiny_any / "tokenizer.json").exists() and (tiny_any / "model.safetensors.index.json").exists()
 
 
+def test_reference_maps_lazily_and_reports_no_load(tiny_dir):
+    """The reference reads a tensor when the graph first uses it: nothing is read at load."""
+    calls = []
+    dsv4.load(tiny_dir, progress=lambda d, t: calls.append((d, t)))
+    assert calls == []
+
+
 def test_float32_and_bf16_against_float64(tiny_dir, rand_ids):
     ids = rand_ids(200, seed=31)
     ref = dsv4.load(tiny_dir, dtype="float64", context=256).forward(ids, full_precision=True)

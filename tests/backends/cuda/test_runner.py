@@ -131,3 +131,16 @@ def test_graph_decode_matches_eager(tiny_dir, rand_ids):
         assert g.runner._graphs
         again, _ = g.step(first, ids[None, 20:21])       # resuming an old state after graph steps
         np.testing.assert_array_equal(again, steps[0])
+
+
+def test_load_copies_every_tensor_up_front_and_reports_it(tiny_dir):
+    """The torch weights are made at load (not on first use), with `progress` rising to the tensor bytes."""
+    from dsv4.portable.checkpoint import Checkpoint
+    ck = Checkpoint(tiny_dir)
+    total = sum(ck.spec(n).nbytes for n in ck.names())
+    calls = []
+    m = dsv4.load(tiny_dir, backend="cuda", context=CTX, progress=lambda d, t: calls.append((d, t)))
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and done[-1] == total and {t for _, t in calls} == {total}
+    cached = m.runner.weights._cache
+    assert "embed.weight" in cached and any(k.endswith(".experts.") for k in cached)

@@ -65,6 +65,24 @@ def test_converted_dir_loads_without_conversion_and_matches(converted, mlx32, se
         dsv4.load(converted[0], backend="reference")
 
 
+def _checkpoint_bytes(path) -> int:
+    from dsv4.portable.checkpoint import Checkpoint
+    ck = Checkpoint(path)
+    return sum(ck.spec(n).nbytes for n in ck.names())
+
+
+@pytest.mark.parametrize("source", ["official", "converted"])
+def test_load_reports_progress_over_every_byte(source, ckpt, converted):
+    """`dsv4.load(progress=)`: calls rise monotonically to the checkpoint's tensor bytes, one per read."""
+    path = ckpt("tiny") if source == "official" else converted[0]
+    calls = []
+    dsv4.load(path, backend="mlx", context=N, progress=lambda d, t: calls.append((d, t)))
+    total = _checkpoint_bytes(path)
+    done = [d for d, _ in calls]
+    assert len(calls) > 10 and {t for _, t in calls} == {total}
+    assert done == sorted(done) and done[0] < total and done[-1] == total
+
+
 def test_affine_convert_equals_load_time_requantization(ckpt, tmp_path, session_ids):
     out = convert(ckpt("tiny2"), tmp_path / "a4", bits=4, q_mode="affine")
     ids = session_ids["tiny2"][:24]
