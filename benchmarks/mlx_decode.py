@@ -9,15 +9,18 @@ in a fresh subprocess so peak RSS belongs to that model alone:
   routed experts, plus one embedding row and top-k/E of the routed banks) ÷ step time, against memcpy
   bandwidth measured in the same run (bytes copied ÷ time; target ≥ 0.7 on medium);
 * peak RSS (VmHWM) ÷ checkpoint bytes right after loading (target ≤ 1.1) and at the end of the run
-  (adding the state buffers, prefill activations and MLX's allocator cache).
+  (adding the state buffers, prefill activations and MLX's allocator cache);
+* per weight form (dense float32/bfloat16, mxfp4, mxfp8, affine): one decode-shaped matmul's weight
+  bytes/s against the same memcpy, and each config's decoded-token bytes split by form — together they
+  say which kernel bounds the ratio on this device.
 
 Prints a table and writes benchmarks/results/mlx.json.  Never pass/fail.  Example (quick, CPU):
     python benchmarks/mlx_decode.py --configs tiny,medium --prefill 1024 --decode 8
 On this 2-core CPU machine prefill runs at about 2 tokens/s on medium, so 8K/32K prefill would take hours
-there (the budget skips them); they are meant for Metal.  The limit is MLX's CPU arithmetic, not weight
-decoding: its float32 matmul is the bundled reference BLAS (~1.6 GFLOP/s here, NumPy's OpenBLAS ~190)
-and its quantized kernels run ~3–4 GFLOP/s on one thread, per row or per expert group alike, so grouping
-MoE rows by expert (which the GPU path does) gains nothing on this CPU.
+there (the budget skips them); they are meant for Metal.  The limit is MLX's CPU kernels, not weight
+decoding: no weight form's decode matmul reaches memcpy speed there (the kernel table; mxfp8, which the
+checkpoint's FP8 layers map to bit-exactly, is the slowest), and its float32 matmul is the bundled
+reference BLAS, so grouping MoE rows by expert (which the GPU path does) gains nothing on this CPU.
 """
 
 from __future__ import annotations
@@ -122,18 +125,49 @@ def vm_status(key: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def touched_bytes(model) -> int:
-    """Weight bytes one decoded token reads (routed banks counted at top-k/E, embedding at one row)."""
-    from dsv4.backends.mlx.qlinear import ExpertBank
-    cfg, total = model.config, 0
+def touched_bytes(model) -> dict:
+    """Weight bytes one decoded token reads, by storage form (mxfp4, mxfp8, affine, dense QLinears, and
+    "plain" tensors); routed banks counted at top-k/E, the embedding at one row."""
+    from dsv4.backends.mlx.qlinear import ExpertBank, QLinear
+    cfg, by_form = model.config, {}
     for name, v in model.runner.weights._cache.items():
         if isinstance(v, ExpertBank):
-            total += sum(q.nbytes for q in (v.w1, v.w2, v.w3)) * cfg.num_experts_per_tok // len(v)
+            form, n = v.w1.mode, sum(q.nbytes for q in (v.w1, v.w2, v.w3)) * cfg.num_experts_per_tok // len(v)
         elif name == "embed.weight":
-            total += v.nbytes // v.shape[0]
+            form, n = "plain", v.nbytes // v.shape[0]
         else:
-            total += v.nbytes
-    return total
+            form, n = (v.mode, v.nbytes) if isinstance(v, QLinear) else ("plain", v.nbytes)
+        by_form[form] = by_form.get(form, 0) + n
+    return by_form
+
+
+def kernel_rates(rows: int = 2048, cols: int = 2048, reps: int = 20) -> dict:
+    """Weight bytes/s of one decode-shaped matmul (x [1, cols] · Wᵀ) in each storage form MLX offers here,
+    median of `reps`: which form limits the decode bandwidth ratio on this device."""
+    import mlx.core as mx
+    w = mx.random.normal((rows, cols), key=mx.random.key(0)) / np.sqrt(cols)
+    x = mx.random.normal((1, cols), key=mx.random.key(1))
+    forms = {"dense float32": (lambda: x @ w.T, w.nbytes)}
+    wb = w.astype(mx.bfloat16)
+    forms["dense bfloat16"] = (lambda: x.astype(mx.bfloat16) @ wb.T, wb.nbytes)
+    for mode, bits in (("mxfp4", 4), ("mxfp8", 8), ("affine", 8), ("affine", 4)):
+        q = mx.quantize(w, group_size=32, bits=bits, mode=mode)
+        wq, sc, bi = (*q, None) if len(q) == 2 else q
+        mx.eval(wq, sc, *([bi] if bi is not None else []))
+        forms[f"{mode}{bits if mode == 'affine' else ''}"] = (
+            lambda wq=wq, sc=sc, bi=bi, mode=mode, bits=bits: mx.quantized_matmul(
+                x, wq, sc, bi, transpose=True, group_size=32, bits=bits, mode=mode),
+            sum(a.nbytes for a in (wq, sc, bi) if a is not None))
+    rates = {}
+    for name, (fn, nbytes) in forms.items():
+        mx.eval(fn())
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - t)
+        rates[name] = {"ms": 1e3 * float(np.median(times)), "weight_bytes_s": nbytes / float(np.median(times))}
+    return rates
 
 
 def measure(path: Path, prefill: list[int], decode: int, dtype: str, budget_s: float) -> dict:
@@ -170,12 +204,13 @@ def measure(path: Path, prefill: list[int], decode: int, dtype: str, budget_s: f
         m.step(m.new_state(1), rng.integers(3, vocab, (1, n)))
         pre[str(n)] = n / (time.perf_counter() - t)
     bw = memcpy_bandwidth()
-    touched = touched_bytes(m)
+    by_form = touched_bytes(m)
+    touched = sum(by_form.values())
     rss = vm_status("VmHWM")
     return {"device": str(mx.default_device()), "dtype": dtype, "compiled_decode":   # a bound method when eager, an mx.compile'd function when not
             getattr(m.runner._decode, "__self__", None) is None, "checkpoint_bytes": ckpt_bytes, "weight_bytes_held": m.runner.weights.nbytes(),
             "load_s": load_s, "decode_tok_s": 1.0 / step_s, "prefill_tok_s": pre, "prefill_skipped": skipped,
-            "bytes_per_token": touched, "weight_bw_bytes_s": touched / step_s, "memcpy_bytes_s": bw,
+            "bytes_per_token": touched, "bytes_per_token_by_form": by_form, "weight_bw_bytes_s": touched / step_s, "memcpy_bytes_s": bw,
             "bw_ratio": touched / step_s / bw, "peak_rss_load_bytes": rss_load, "rss_load_ratio": rss_load / ckpt_bytes,
             "peak_rss_run_bytes": rss, "rss_run_ratio": rss / ckpt_bytes}
 
@@ -197,7 +232,8 @@ def main():
         print(json.dumps(measure(Path(args.one), prefill, args.decode, args.dtype, args.prefill_budget_s)))
         return
     root = Path(args.cache)
-    results = {"machine": platform.platform(), "python": platform.python_version(), "configs": {}}
+    results = {"machine": platform.platform(), "python": platform.python_version(),
+               "memcpy_bytes_s": memcpy_bandwidth(), "kernels_2048x2048": kernel_rates(), "configs": {}}
     for name in args.configs.split(","):
         path = checkpoint_dir(name, args.medium_inter, root)
         out = subprocess.run([sys.executable, __file__, "--one", str(path), "--prefill", args.prefill,
@@ -213,6 +249,13 @@ def main():
               f"{r['bw_ratio']:8.3f} {r['rss_load_ratio']:13.3f} {r['rss_run_ratio']:12.3f}")
         for k, why in r["prefill_skipped"].items():
             print(f"  {name} prefill {k} skipped: {why}")
+    print(f"\none decode matmul [1,2048]·[2048,2048]ᵀ by weight form (memcpy {results['memcpy_bytes_s'] / 1e9:.2f} GB/s):")
+    for form, k in results["kernels_2048x2048"].items():
+        print(f"  {form:15} {k['ms']:7.2f} ms {k['weight_bytes_s'] / 1e9:6.2f} GB/s of weights "
+              f"(ratio {k['weight_bytes_s'] / results['memcpy_bytes_s']:.3f})")
+    for name, r in results["configs"].items():
+        forms = ", ".join(f"{f} {b / 1e6:.0f} MB" for f, b in sorted(r["bytes_per_token_by_form"].items()))
+        print(f"  {name}: weights read per decoded token: {forms}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(f"wrote {RESULTS}")

@@ -147,30 +147,43 @@ class NumpyOps(Ops):
 
 class NumpyWeights:
     """Weight store over a `Checkpoint`: quantized linears stay `QuantWeight`s, plain tensors are decoded
-    once into the compute dtype (integer tables stay int64)."""
+    once into the compute dtype (integer tables stay int64).  Other backends subclass it and override the
+    three conversions (`quantized`, `integers`, `floats`) and `experts`."""
 
     def __init__(self, ckpt, dtype):
         self.ckpt, self.dt = ckpt, dtype
         self._names = set(ckpt.names())
         self._cache: dict = {}
 
+    def quantized(self, qw):
+        return qw
+
+    def integers(self, arr: np.ndarray):
+        return arr
+
+    def floats(self, arr: np.ndarray):
+        return arr.astype(self.dt)
+
     def __getitem__(self, name):
         if name in self._cache:
             return self._cache[name]
         if name.endswith(".weight") and name[:-7] + ".scale" in self._names:
-            val = self.ckpt.quant_weight(name[:-7])
+            val = self.quantized(self.ckpt.quant_weight(name[:-7]))
         elif self.ckpt.spec(name).dtype in ("I64", "I32"):
-            val = np.asarray(self.ckpt.raw(name), dtype=np.int64)
+            val = self.integers(np.array(self.ckpt.raw(name), dtype=np.int64))
         else:
-            val = self.ckpt.array(name, np.float32).astype(self.dt)
+            val = self.floats(self.ckpt.array(name, np.float32))
         self._cache[name] = val
         return val
 
+    def n_experts(self, prefix: str) -> int:
+        """Routed experts stored under `prefix` (e.g. "layers.3.ffn.experts.")."""
+        return sum(1 for k in self._names if k.startswith(prefix) and k.endswith(".w1.weight"))
+
     def experts(self, prefix):
         if prefix not in self._cache:
-            n = sum(1 for k in self._names if k.startswith(prefix) and k.endswith(".w1.weight"))
             self._cache[prefix] = [tuple(self[f"{prefix}{e}.{w}.weight"] for w in ("w1", "w2", "w3"))
-                                   for e in range(n)]
+                                   for e in range(self.n_experts(prefix))]
         return self._cache[prefix]
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ...portable import quant
+from ...portable.reference import NumpyWeights
 from .numerics import E2M1_TABLE, E8M0_TABLE
 
 
@@ -89,29 +90,25 @@ def _stack(qws: list, device) -> TorchQuant:
                       ts[0].shape)
 
 
-class TorchWeights:
-    """Weight store over a `Checkpoint` (same interface as the reference's `NumpyWeights`)."""
+class TorchWeights(NumpyWeights):
+    """Weight store over a `Checkpoint` (the reference's, with torch tensors on `device`)."""
 
     def __init__(self, ckpt, dtype: torch.dtype, device):
-        self.ckpt, self.dt, self.device = ckpt, dtype, device
-        self._names = set(ckpt.names())
-        self._cache: dict = {}
+        super().__init__(ckpt, dtype)
+        self.device = device
 
-    def __getitem__(self, name):
-        if name in self._cache:
-            return self._cache[name]
-        if name.endswith(".weight") and name[:-7] + ".scale" in self._names:
-            val = to_torch_quant(self.ckpt.quant_weight(name[:-7]), self.device)
-        elif self.ckpt.spec(name).dtype in ("I64", "I32"):
-            val = torch.as_tensor(np.array(self.ckpt.raw(name), dtype=np.int64), device=self.device)
-        else:
-            val = torch.as_tensor(self.ckpt.array(name, np.float32), device=self.device).to(self.dt)
-        self._cache[name] = val
-        return val
+    def quantized(self, qw):
+        return to_torch_quant(qw, self.device)
+
+    def integers(self, arr: np.ndarray):
+        return torch.as_tensor(arr, device=self.device)
+
+    def floats(self, arr: np.ndarray):
+        return torch.as_tensor(arr, device=self.device).to(self.dt)
 
     def experts(self, prefix):
         if prefix not in self._cache:
-            n = sum(1 for k in self._names if k.startswith(prefix) and k.endswith(".w1.weight"))
+            n = self.n_experts(prefix)
             banks = [_stack([self.ckpt.quant_weight(f"{prefix}{e}.{w}") for e in range(n)], self.device)
                      for w in ("w1", "w2", "w3")]
             self._cache[prefix] = ExpertBank(*banks, n)

@@ -73,13 +73,19 @@ def test_hc_pre_and_post_match_reference():
                                rtol=1e-5, atol=1e-5)
 
 
+def _fp4_experts(rng, e, d, inter):
+    """`e` random FP4 experts: the (w1, w2, w3) QuantWeights and their stacked MLX `ExpertBank`."""
+    raw = [(quant.quantize_fp4(_rand(rng, inter, d) / 8), quant.quantize_fp4(_rand(rng, d, inter) / 10),
+            quant.quantize_fp4(_rand(rng, inter, d) / 8)) for _ in range(e)]
+    bank = qlinear.ExpertBank(*(qlinear.stack([qlinear.from_quant(t[j]) for t in raw]) for j in range(3)))
+    return raw, bank
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_moe_over_expert_bank_matches_dense_reference(dtype):
     rng = np.random.default_rng(6)
     e, d, inter, n, k = 6, 64, 96, 9, 2
-    raw = [(quant.quantize_fp4(_rand(rng, inter, d) / 8), quant.quantize_fp4(_rand(rng, d, inter) / 10),
-            quant.quantize_fp4(_rand(rng, inter, d) / 8)) for _ in range(e)]
-    bank = qlinear.ExpertBank(*(qlinear.stack([qlinear.from_quant(t[j]) for t in raw]) for j in range(3)))
+    raw, bank = _fp4_experts(rng, e, d, inter)
     x = _rand(rng, n, d)
     idx = np.stack([rng.choice(e, k, replace=False) for _ in range(n)])
     wts = rng.uniform(0.2, 1.0, (n, k)).astype(np.float32)
@@ -95,9 +101,7 @@ def test_moe_expert_sorted_prefill_path_equals_the_per_pair_gather():
     per-pair gather's values (token by token, as decode runs) and the dense reference."""
     rng = np.random.default_rng(11)
     e, d, inter, n, k = 7, 64, 96, 40, 3
-    raw = [(quant.quantize_fp4(_rand(rng, inter, d) / 8), quant.quantize_fp4(_rand(rng, d, inter) / 10),
-            quant.quantize_fp4(_rand(rng, inter, d) / 8)) for _ in range(e)]
-    bank = qlinear.ExpertBank(*(qlinear.stack([qlinear.from_quant(t[j]) for t in raw]) for j in range(3)))
+    raw, bank = _fp4_experts(rng, e, d, inter)
     x = _rand(rng, n, d)
     idx = np.stack([rng.choice(e - 1, k, replace=False) for _ in range(n)])   # expert e-1 gets no token
     wts = rng.uniform(0.2, 1.0, (n, k)).astype(np.float32)
