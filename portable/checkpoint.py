@@ -267,12 +267,16 @@ class Checkpoint:
     def spec(self, name: str) -> TensorSpec:
         return self._entry(name).spec
 
+    def nbytes(self) -> int:
+        """Bytes of every readable tensor (what a backend that copies the whole checkpoint reads)."""
+        return sum(e.spec.nbytes for e in self._entries.values() if e.spec and e.spec.dtype in NP_DTYPE)
+
     def watch(self, progress) -> None:
         """Call `progress(bytes_read, bytes_total)` each time a tensor is read or mapped for use from now
         on (None stops): backends that copy their weights into their own memory at load report the load
         through it, and a backend reading another layout (a converted directory) through `report`."""
         self._progress, self._read_bytes = progress, 0
-        self._total_bytes = sum(e.spec.nbytes for e in self._entries.values() if e.spec and e.spec.dtype in NP_DTYPE)
+        self._total_bytes = self.nbytes()
 
     def report(self, nbytes: int) -> None:
         if self._progress is not None:

@@ -136,8 +136,7 @@ def test_graph_decode_matches_eager(tiny_dir, rand_ids):
 def test_load_copies_every_tensor_up_front_and_reports_it(tiny_dir):
     """The torch weights are made at load (not on first use), with `progress` rising to the tensor bytes."""
     from dsv4.portable.checkpoint import Checkpoint
-    ck = Checkpoint(tiny_dir)
-    total = sum(ck.spec(n).nbytes for n in ck.names())
+    total = Checkpoint(tiny_dir).nbytes()
     calls = []
     m = dsv4.load(tiny_dir, backend="cuda", context=CTX, progress=lambda d, t: calls.append((d, t)))
     done = [d for d, _ in calls]

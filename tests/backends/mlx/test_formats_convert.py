@@ -7,6 +7,7 @@ import pytest
 
 import dsv4
 from dsv4.backends.mlx.convert import convert
+from dsv4.portable.checkpoint import Checkpoint
 from dsv4.portable.runtime import BackendError
 
 N = 64
@@ -65,19 +66,13 @@ def test_converted_dir_loads_without_conversion_and_matches(converted, mlx32, se
         dsv4.load(converted[0], backend="reference")
 
 
-def _checkpoint_bytes(path) -> int:
-    from dsv4.portable.checkpoint import Checkpoint
-    ck = Checkpoint(path)
-    return sum(ck.spec(n).nbytes for n in ck.names())
-
-
 @pytest.mark.parametrize("source", ["official", "converted"])
 def test_load_reports_progress_over_every_byte(source, ckpt, converted):
     """`dsv4.load(progress=)`: calls rise monotonically to the checkpoint's tensor bytes, one per read."""
     path = ckpt("tiny") if source == "official" else converted[0]
     calls = []
     dsv4.load(path, backend="mlx", context=N, progress=lambda d, t: calls.append((d, t)))
-    total = _checkpoint_bytes(path)
+    total = Checkpoint(path).nbytes()
     done = [d for d, _ in calls]
     assert len(calls) > 10 and {t for _, t in calls} == {total}
     assert done == sorted(done) and done[0] < total and done[-1] == total
