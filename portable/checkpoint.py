@@ -76,14 +76,14 @@ def schema(cfg: ModelConfig) -> list[TensorSpec]:
         t(f"{p}hc_head_base", "F32", hc)
         t(f"{p}hc_head_scale", "F32", 1)
 
-    def compressor(p, ratio, c):
-        width = (2 if ratio == 4 else 1) * c     # ratio 4 pools overlapping blocks: two halves
+    def compressor(p, layer, c):
+        width = cfg.overlap(layer) * c           # CSA pools overlapping blocks: two halves per row
         t(f"{p}wkv.weight", "BF16", width, D)
         t(f"{p}wgate.weight", "BF16", width, D)
-        t(f"{p}ape", "F32", ratio, width)
+        t(f"{p}ape", "F32", cfg.ratio(layer), width)
         t(f"{p}norm.weight", "BF16", c)
 
-    def block(p, ratio, hashed):
+    def block(p, layer, hashed):
         hd, inter, E = cfg.head_dim, cfg.moe_intermediate_size, cfg.n_routed_experts
         t(f"{p}attn_norm.weight", "BF16", D)
         t(f"{p}ffn_norm.weight", "BF16", D)
@@ -100,13 +100,13 @@ def schema(cfg: ModelConfig) -> list[TensorSpec]:
         fp8(f"{a}wo_a", cfg.o_groups * cfg.o_lora_rank, cfg.heads_per_group * hd)
         fp8(f"{a}wo_b", D, cfg.o_groups * cfg.o_lora_rank)
         t(f"{a}attn_sink", "F32", cfg.num_attention_heads)
-        if ratio:
-            compressor(f"{a}compressor.", ratio, hd)
-        if ratio == 4:
+        if cfg.ratio(layer):
+            compressor(f"{a}compressor.", layer, hd)
+        if cfg.is_csa(layer):
             ih = cfg.index_n_heads
             fp8(f"{a}indexer.wq_b", ih * cfg.index_head_dim, cfg.q_lora_rank)
             t(f"{a}indexer.weights_proj.weight", "BF16", ih, D)
-            compressor(f"{a}indexer.compressor.", ratio, cfg.index_head_dim)
+            compressor(f"{a}indexer.compressor.", layer, cfg.index_head_dim)
         f = f"{p}ffn."
         t(f"{f}gate.weight", "BF16", E, D)
         if hashed:
@@ -126,10 +126,10 @@ def schema(cfg: ModelConfig) -> list[TensorSpec]:
     t("norm.weight", "BF16", D)
     hc_head("")
     for L in range(cfg.num_hidden_layers):
-        block(f"layers.{L}.", cfg.ratio(L), cfg.hash_routed(L))
+        block(f"layers.{L}.", L, cfg.hash_routed(L))
     if cfg.num_nextn_predict_layers:
         p = "mtp.0."
-        block(p, cfg.ratio(cfg.num_hidden_layers), False)   # MTP is never hash routed
+        block(p, cfg.num_hidden_layers, False)   # MTP is never hash routed
         fp8(f"{p}e_proj", D, D)
         fp8(f"{p}h_proj", D, D)
         for n in ("enorm", "hnorm", "norm"):

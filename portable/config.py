@@ -192,9 +192,23 @@ class ModelConfig:
     def yarn(self) -> dict:
         return self.rope_scaling or {}
 
-    def entries_capacity(self, layer: int, max_len: int) -> int:
+    def is_csa(self, layer: int) -> bool:
+        """Compressed Sparse Attention: ratio 4, overlapping blocks, a lightning indexer."""
+        return self.compress_ratios[layer] == 4
+
+    def overlap(self, layer: int) -> int:
+        """Halves each compressor row carries: 2 for CSA (A feeds the next block, B its own), else 1 (§4.1)."""
+        return 2 if self.is_csa(layer) else 1
+
+    def pending_rows(self, layer: int) -> int:
+        """Projected compressor rows a layer must keep between steps: the open block, plus the previous
+        block's A-halves for CSA (model spec §4.5); 0 for window-only layers."""
+        return self.overlap(layer) * self.ratio(layer)
+
+    def entries_capacity(self, layer: int, tokens: int) -> int:
+        """Compressed entries `tokens` tokens can complete (0 for window-only layers)."""
         r = self.ratio(layer)
-        return max_len // r if r else 0
+        return tokens // r if r else 0
 
     def param_counts(self) -> dict:
         """Total and per-token-active parameter counts of the main model and of the MTP block."""

@@ -1,12 +1,17 @@
 """The DeepSeek V4 forward pass (and its MTP block), written once against `Ops`.
 
-Functional and traceable: `forward(ops, W, cfg, state, ids) -> (logits, new_state, streams)`.  Shapes are
-static given (batch, chunk length, max_len); positions are tensors derived from `state["start"]`; there
-is no Python `if` on tensor values, so the same code runs eagerly (NumPy reference), compiled (MLX), under
-CUDA graphs (torch) and as an exported ONNX graph.  One call handles any chunk: a whole prompt, a chunk of
-it, or one decode token; the causal rules of model spec §4.4 are applied per query, so a prefill query
-never sees a compressed entry from its own future, and CSA blocks that straddle two calls pool the
-previous block's A-halves carried in the state (§4.5).
+Traceable: `forward(ops, W, cfg, state, ids) -> (logits, streams)` updates `state` (a `cache.State`).
+Shapes are static given (batch, chunk length, state capacity); positions are tensors derived from
+`state.start`; there is no Python `if` on tensor values, so the same code runs eagerly (NumPy reference),
+compiled (MLX), under CUDA graphs (torch) and as an exported ONNX graph.  One call handles any chunk: a
+whole prompt, a chunk of it, or one decode token; the causal rules of model spec §4.4 are applied per
+query, so a prefill query never sees a compressed entry from its own future, and CSA blocks that
+straddle two calls pool the previous block's A-halves carried in the state (§4.5).
+
+Work follows what is visible: each layer attends the window ring, the chunk's own keys, and the stored
+entries as separate segments (no concatenated copy); the indexer scores the visible stored keys and the
+chunk's new ones, then selects with a partial top-k.  Every layer reads the old state first and writes
+its new rows last (`Ops.write_rows`), which is what lets a backend update the state in place.
 
 `W` is the backend's weight store: `W[name]` gives a tensor by its official checkpoint name (linear
 weights as the backend's quantized or dense object), `W.experts(prefix)` the routed experts of one layer.
@@ -17,7 +22,7 @@ from __future__ import annotations
 import math
 
 from .config import ModelConfig
-from .ops import Ops, yarn_inv_freq
+from .ops import NEG_INF, Ops, Segment, yarn_inv_freq
 
 
 class Rope:
@@ -44,50 +49,106 @@ def _rope(o: Ops, x, t: Rope, inverse=False):
     return o.rope(x, cos, -sin if inverse else sin)
 
 
-# ---------------------------------------------------------------------- compressor (§4.1, §4.5)
-def compress(o: Ops, cfg: ModelConfig, W, prefix: str, x, st: dict, keys: tuple, start, pos, m: int, rope_fn):
-    """Feed a chunk x [B,S,D] to a compressor; returns the updated (entries, tail_kv, tail_gate).
+# ---------------------------------------------------------------------- rings (window, compressor rows)
+def _static_min(s, n: int):
+    """min(s, n) for a chunk length that is an int (eager, compiled) or a symbolic size (ONNX export)."""
+    return min(s, n) if isinstance(s, int) else n
 
-    `keys` names the state buffers (entries, tail kv, tail gate).  Blocks completing in this chunk are
-    pooled from [tail rows | new rows]; the tail is the last P projected rows in position order.
-    `rope_fn(e, jpos)` rotates new entries at their block-start positions j·m."""
-    ent_key, kv_key, g_key = keys
+
+def ring_write(o, ring, rows, start, size: int):
+    """Write a chunk's rows [B,S,·] into a ring of `size` rows (+1 spill row): position t → row t % size.
+    Rows that a later row of the same chunk overwrites again go to the spill row."""
+    s = rows.shape[1]
+    r = o.reshape(o.arange(s), [1, s])
+    dest = o.where(r >= s - size, (o.reshape(start, [-1, 1]) + r) % size, size)
+    return o.write_rows(ring, o.broadcast_to(dest, [start.shape[0], s]), rows)
+
+
+def ring_gather(o, ring, chunk, t, start):
+    """Rows at positions t [B,M] from the ring (positions < start) or the chunk (positions ≥ start)."""
+    size = ring.shape[1] - 1
+    st = o.reshape(start, [-1, 1])
+    old = o.gather_rows(o.read(ring), (t + size) % size)               # t ≥ −size here
+    new = o.gather_rows(chunk, o.minimum(o.maximum(t - st, 0), chunk.shape[1] - 1))
+    lead = list(t.shape) + [1] * (len(chunk.shape) - 2)
+    return o.where(o.reshape(t < st, lead), old, new)
+
+
+# ---------------------------------------------------------------------- compressor (§4.1, §4.5)
+class Compressed:
+    """What a compressor produced for a chunk: candidate entries e [B,nb,c] for blocks jb [B,nb] (`valid`
+    where the block completes in this chunk, already in their stored rounding) and the projected rows."""
+
+    def __init__(self, e, jb, valid, kv, gate):
+        self.e, self.jb, self.valid, self.kv, self.gate = e, jb, valid, kv, gate
+
+
+def compress(o: Ops, cfg: ModelConfig, W, prefix: str, layer: int, x, kv_ring, gate_ring, store, start, pos,
+             rope_fn) -> Compressed:
+    """Pool the blocks that complete in chunk x [B,S,D] (§4.5) from the ring of earlier projected rows
+    and the chunk's own rows; `rope_fn(e, jpos)` rotates entries at their block-start positions j·m."""
     b, s, _ = x.shape
-    tail_kv, tail_g = st[kv_key], st[g_key]
-    p = tail_kv.shape[1]
-    coff = 2 if m == 4 else 1
-    c = tail_kv.shape[2] // coff
+    m, ov = cfg.ratio(layer), cfg.overlap(layer)
+    c = kv_ring.shape[2] // ov
     xh = o.hp(x)
     ckv = o.hp(o.linear(xh, W[prefix + "wkv.weight"]))
     cg = o.hp(o.linear(xh, W[prefix + "wgate.weight"])) + o.take(o.hp(W[prefix + "ape"]), pos % m, 0)
-    xs_kv = o.concat([tail_kv, ckv], 1)                     # row r ↔ position start − p + r
-    xs_g = o.concat([tail_g, cg], 1)
     nb = (s + m - 1) // m                                   # most blocks one chunk can complete
-    jb = o.reshape(start // m, [b, 1]) + o.reshape(o.arange(nb), [1, nb])          # candidate entries [B,nb]
-    valid = (jb + 1) * m <= o.reshape(start, [b, 1]) + s
-    first = jb * m - o.reshape(start, [b, 1]) + p                                   # row of the block's first token
-    rows = o.reshape(first, [b, nb, 1]) + o.reshape(o.arange(m), [1, 1, m])         # [B,nb,m]
-    if coff == 2:
-        rows = o.concat([rows - m, rows], 2)                                        # previous block, own block
-    rows = o.minimum(o.maximum(rows, 0), p + s - 1)
-    flat = o.reshape(rows, [b, -1])
-    gkv = o.reshape(o.gather_rows(xs_kv, flat), [b, nb, coff * m, coff * c])
-    gg = o.reshape(o.gather_rows(xs_g, flat), [b, nb, coff * m, coff * c])
-    if coff == 2:                                           # A-halves of the previous block, B-halves of its own
+    st = o.reshape(start, [b, 1])
+    jb = st // m + o.reshape(o.arange(nb), [1, nb])         # candidate entries [B,nb]
+    valid = (jb + 1) * m <= st + s
+    t = o.reshape(jb * m, [b, nb, 1]) + o.reshape(o.arange(m), [1, 1, m])           # own block's positions
+    if ov == 2:
+        t = o.concat([t - m, t], 2)                         # previous block's positions, then its own
+    flat = o.reshape(t, [b, -1])
+    before = o.reshape(flat < 0, [b, nb, ov * m, 1])        # the empty "previous block" of entry 0
+    gkv = o.where(before, 0.0, o.reshape(ring_gather(o, kv_ring, ckv, flat, start), [b, nb, ov * m, ov * c]))
+    gg = o.where(before, NEG_INF, o.reshape(ring_gather(o, gate_ring, cg, flat, start), [b, nb, ov * m, ov * c]))
+    if ov == 2:                                             # A-halves of the previous block, B-halves of its own
         gkv = o.concat([gkv[:, :, :m, :c], gkv[:, :, m:, c:]], 2)
         gg = o.concat([gg[:, :, :m, :c], gg[:, :, m:, c:]], 2)
     e = o.act(o.compress_pool(gkv, gg))                                              # [B,nb,c]
     e = o.rms_norm(e, W[prefix + "norm.weight"], cfg.rms_norm_eps)
-    e = rope_fn(e, jb * m)
-    cap = st[ent_key].shape[1] - 1
-    dest = o.where(valid, jb, cap)                          # masked writes land in the spare last row
-    entries = o.scatter_rows(st[ent_key], dest, e)
-    return entries, xs_kv[:, s:], xs_g[:, s:]
+    e = store.rounded(o, rope_fn(e, jb * m))
+    return Compressed(e, jb, valid, ckv, cg)
+
+
+def store_compressed(o: Ops, cfg: ModelConfig, layer: int, comp: Compressed, rings: tuple, store, start,
+                     capacity_rows: int):
+    """Write a chunk's compressor results (after every read of the old state): its last projected rows
+    into the rings, completed entries into the store (incomplete blocks into the spill row)."""
+    size = cfg.pending_rows(layer)
+    out = tuple(ring_write(o, ring, rows, start, size) for ring, rows in zip(rings, (comp.kv, comp.gate)))
+    store.write(o, o.where(comp.valid, comp.jb, capacity_rows), comp.e)
+    return out
+
+
+def entry_counts(o: Ops, m: int, start, pos, nb):
+    """Per query [B,S]: entries it sees among the stored ones (j < start // m) and among the chunk's
+    candidates (row r ↔ entry start // m + r); together the causal rule j < ⌊(i+1)/m⌋ (§4.4)."""
+    b = start.shape[0]
+    held = o.reshape(start // m, [b, 1])
+    visible = (pos + 1) // m
+    return o.minimum(visible, held), o.minimum(o.maximum(visible - held, 0), nb)
 
 
 # ---------------------------------------------------------------------- attention (§3, §4)
-def attention(o: Ops, cfg: ModelConfig, W, layer: int, p: str, x, st: dict, new: dict, key: str,
-              start, pos, ropes: dict):
+def window_segments(o: Ops, cfg: ModelConfig, ring, kv, start, pos) -> list:
+    """The sliding window (§3.3) as two segments: the ring of earlier keys and the chunk's own keys."""
+    b, s, _ = kv.shape
+    w = cfg.sliding_window
+    st = o.reshape(start, [b, 1])
+    rho = o.reshape(o.arange(w + 1), [1, w + 1])
+    held = o.where(rho < w, st - 1 - (st + w - 1 - rho) % w, -1)     # position in ring row ρ (−1: none)
+    lo = o.maximum(pos - w + 1, 0)                                     # oldest position query i sees
+    ring_seg = Segment.dense(o.read(ring), o.reshape(held, [b, 1, w + 1]) >= o.reshape(lo, [b, s, 1]))
+    k = _static_min(s, w)
+    r = o.reshape(o.arange(s), [1, s, 1]) - k + 1 + o.reshape(o.arange(k), [1, 1, k])   # chunk rows s−k+1..s
+    band = o.broadcast_to(o.where(r >= 0, r, -1), [b, s, k])
+    return [ring_seg, Segment.gather(kv, band)]
+
+
+def attention(o: Ops, cfg: ModelConfig, W, layer: int, p: str, x, ls, start, pos, ropes, capacity: int):
     b, s, _ = x.shape
     h, d, m = cfg.num_attention_heads, cfg.head_dim, cfg.ratio(layer)
     eps = cfg.rms_norm_eps
@@ -97,14 +158,7 @@ def attention(o: Ops, cfg: ModelConfig, W, layer: int, p: str, x, st: dict, new:
     q = _rope(o, q, t)
     kv = o.rms_norm(o.linear(x, W[p + "wkv.weight"]), W[p + "kv_norm.weight"], eps)
     kv = o.kv_round(_rope(o, kv, t), cfg.nope_dim)
-
-    win = st[f"{key}.win"]
-    wl = win.shape[1]
-    keys = o.concat([win, kv], 1)                            # row r ↔ position start − W + r
-    new[f"{key}.win"] = keys[:, s:]
-    r = o.reshape(o.arange(s), [1, s, 1]) + 1 + o.reshape(o.arange(wl), [1, 1, wl])   # query s sees rows s+1..s+W
-    idx = o.where(o.reshape(start, [b, 1, 1]) - wl + r >= 0, r, -1)
-    parts, idxs = [keys], [idx]
+    segs = window_segments(o, cfg, ls.window, kv, start, pos)
 
     if m:
         # entries are rotated at their block-start positions j·m, not at the chunk's positions
@@ -113,33 +167,39 @@ def attention(o: Ops, cfg: ModelConfig, W, layer: int, p: str, x, st: dict, new:
         def rope_at(e, jpos):
             return _rope(o, e, Rope(o, inv, jpos))
 
-        ent, tkv, tg = compress(o, cfg, W, p + "compressor.", x, st,
-                                (f"{key}.comp", f"{key}.ckv", f"{key}.cgate"), start, pos, m,
-                                lambda e, jpos: o.kv_round(rope_at(e, jpos), cfg.nope_dim))
-        new[f"{key}.comp"], new[f"{key}.ckv"], new[f"{key}.cgate"] = ent, tkv, tg
-        cap = ent.shape[1] - 1
-        visible = (pos + 1) // m                             # [B,S] entries visible to each query
-        off = wl + s
-        if m == 4:
-            ik, ikv, ig = compress(o, cfg, W, p + "indexer.compressor.", x, st,
-                                   (f"{key}.ikeys", f"{key}.ikv", f"{key}.igate"), start, pos, m,
-                                   lambda e, jpos: o.indexer_round(rope_at(e, jpos)))
-            new[f"{key}.ikeys"], new[f"{key}.ikv"], new[f"{key}.igate"] = ik, ikv, ig
+        rows = cfg.entries_capacity(layer, capacity)            # the spill row's index
+        main = compress(o, cfg, W, p + "compressor.", layer, x, ls.kv, ls.gate, ls.entries, start, pos,
+                        lambda e, jpos: o.kv_round(rope_at(e, jpos), cfg.nope_dim))
+        nb = main.e.shape[1]
+        n_old, n_new = entry_counts(o, m, start, pos, nb)
+        if cfg.is_csa(layer):
+            iround = o.rotate_fp4 if ls.index_keys.deploy else o.indexer_round      # keys stored as FP4
+            idx = compress(o, cfg, W, p + "indexer.compressor.", layer, x, ls.index_kv, ls.index_gate,
+                           ls.index_keys, start, pos, lambda e, jpos: iround(rope_at(e, jpos)))
             nh, ic = cfg.index_n_heads, cfg.index_head_dim
             qi = o.reshape(o.linear(qr, W[p + "indexer.wq_b.weight"]), [b, s, nh, ic])
-            qi = o.indexer_round(_rope(o, qi, t))
+            qi = iround(_rope(o, qi, t))
             wts = o.linear(x, W[p + "indexer.weights_proj.weight"]) * (ic ** -0.5 * nh ** -0.5)
-            sel = o.indexer_topk(qi, wts, ik, visible, min(cfg.index_topk, cap))
-            cidx = o.where(sel >= 0, sel + off, -1)
+            k = min(cfg.index_topk, rows)
+            sel_old, sel_new = o.indexer_topk(qi, wts, [(ls.index_keys.prefix(o, n_old), n_old), (idx.e, n_new)], k)
+            kk = sel_old.shape[-1]
+            picked = o.reshape(ls.entries.rows(o, o.reshape(sel_old, [b, s * kk])), [b, s, kk, d])
+            segs += [Segment.per_query(picked, sel_old >= 0), Segment.gather(main.e, sel_new)]
         else:
-            j = o.reshape(o.arange(cap), [1, 1, cap])
-            cidx = o.where(j < o.reshape(visible, [b, s, 1]), j + off, -1)
-        parts.append(ent)
-        idxs.append(cidx)
+            old = ls.entries.prefix(o, n_old)
+            j_old = o.reshape(o.arange(old.shape[1]), [1, 1, old.shape[1]])
+            j_new = o.reshape(o.arange(nb), [1, 1, nb])
+            segs += [Segment.dense(old, j_old < o.reshape(n_old, [b, s, 1])),
+                     Segment.dense(main.e, j_new < o.reshape(n_new, [b, s, 1]))]
 
-    allkv = o.concat(parts, 1) if len(parts) > 1 else parts[0]
-    allidx = o.concat(idxs, 2) if len(idxs) > 1 else idxs[0]
-    out = o.sink_attention(q, allkv, allidx, W[p + "attn_sink"], 1.0 / math.sqrt(d))
+    out = o.sink_attention(q, segs, W[p + "attn_sink"], 1.0 / math.sqrt(d))
+    # every read of the old state is done: write this chunk's rows
+    ls.window = ring_write(o, ls.window, kv, start, cfg.sliding_window)
+    if m:
+        ls.kv, ls.gate = store_compressed(o, cfg, layer, main, (ls.kv, ls.gate), ls.entries, start, rows)
+    if cfg.is_csa(layer):
+        ls.index_kv, ls.index_gate = store_compressed(o, cfg, layer, idx, (ls.index_kv, ls.index_gate),
+                                                      ls.index_keys, start, rows)
     out = _rope(o, out, t, inverse=True)
     g = cfg.o_groups
     u = o.grouped_linear(o.reshape(out, [b, s, g, cfg.heads_per_group * d]), W[p + "wo_a.weight"], g)
@@ -166,12 +226,11 @@ def moe(o: Ops, cfg: ModelConfig, W, layer: int, p: str, x, ids):
 
 
 # ---------------------------------------------------------------------- block and model
-def block(o: Ops, cfg: ModelConfig, W, layer: int, p: str, h, ids, st: dict, new: dict, key: str,
-          start, pos, ropes):
+def block(o: Ops, cfg: ModelConfig, W, layer: int, p: str, h, ids, state, start, pos, ropes):
     it, he, eps = cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
     x, post, comb = o.hc_pre(h, W[p + "hc_attn_fn"], W[p + "hc_attn_base"], W[p + "hc_attn_scale"], it, he, eps)
     x = o.rms_norm(x, W[p + "attn_norm.weight"], eps)
-    f = attention(o, cfg, W, layer, p + "attn.", x, st, new, key, start, pos, ropes)
+    f = attention(o, cfg, W, layer, p + "attn.", x, state.layer(layer), start, pos, ropes, state.capacity)
     h = o.hc_post(f, h, post, comb)
     x, post, comb = o.hc_pre(h, W[p + "hc_ffn_fn"], W[p + "hc_ffn_base"], W[p + "hc_ffn_scale"], it, he, eps)
     x = o.rms_norm(x, W[p + "ffn_norm.weight"], eps)
@@ -190,23 +249,26 @@ def _positions(o: Ops, start, s: int):
     return o.reshape(start, [b, 1]) + o.reshape(o.arange(s), [1, s])
 
 
-def forward(o: Ops, W, cfg: ModelConfig, state: dict, ids):
-    """Run a chunk of token ids [B,S] from `state`.  Returns (logits [B,S,V] fp32/hp, new state, streams),
-    where `streams` [B,S,hc,D] are the residual streams before the HyperHead (the MTP block's input)."""
+def forward(o: Ops, W, cfg: ModelConfig, state, ids):
+    """Run a chunk of token ids [B,S] on `state` (a `cache.State` with capacity for start + S tokens),
+    which it updates: each layer writes its new rows after reading the old ones.  Returns (logits [B,S,V]
+    fp32/hp, streams), where `streams` [B,S,hc,D] are the residual streams before the HyperHead (the MTP
+    block's input)."""
     b, s = ids.shape
     start = state["start"]
     pos = _positions(o, start, s)
     ropes = rope_tables(o, cfg, pos)
     e = o.act(o.take(W["embed.weight"], ids, 0))                                  # [B,S,D]
     h = o.broadcast_to(o.reshape(e, [b, s, 1, cfg.hidden_size]), [b, s, cfg.hc_mult, cfg.hidden_size])
-    new = {"start": start + s}
     for layer in range(cfg.num_hidden_layers):
-        h = block(o, cfg, W, layer, f"layers.{layer}.", h, ids, state, new, f"L{layer}", start, pos, ropes)
-    return _head(o, cfg, W, "", h), new, h
+        h = block(o, cfg, W, layer, f"layers.{layer}.", h, ids, state, start, pos, ropes)
+    state.start = start + s
+    return _head(o, cfg, W, "", h), h
 
 
-def mtp_forward(o: Ops, W, cfg: ModelConfig, state: dict, streams, ids_next):
-    """The MTP block (§7): main streams at positions i plus token i+1 → logits for token i+2."""
+def mtp_forward(o: Ops, W, cfg: ModelConfig, state, streams, ids_next):
+    """The MTP block (§7): main streams at positions i plus token i+1 → logits for token i+2.  Updates the
+    MTP block's own `state` (one window-only layer) like `forward`."""
     b, s = ids_next.shape
     start = state["start"]
     pos = _positions(o, start, s)
@@ -217,6 +279,6 @@ def mtp_forward(o: Ops, W, cfg: ModelConfig, state: dict, streams, ids_next):
     z = o.rms_norm(streams, W[p + "hnorm.weight"], eps)
     x = o.linear(z, W[p + "h_proj.weight"]) + o.reshape(o.linear(e, W[p + "e_proj.weight"]), [b, s, 1, dim])
     h = o.act(x)
-    new = {"start": start + s}
-    h = block(o, cfg, W, cfg.num_hidden_layers, p, h, ids_next, state, new, "mtp", start, pos, ropes)
-    return _head(o, cfg, W, p, h), new
+    h = block(o, cfg, W, cfg.num_hidden_layers, p, h, ids_next, state, start, pos, ropes)
+    state.start = start + s
+    return _head(o, cfg, W, p, h)

@@ -25,6 +25,39 @@ import math
 NEG_INF = float("-inf")
 
 
+class Segment:
+    """A set of key rows (K = V) for `Ops.sink_attention`, in one of three forms:
+    * `Segment.gather(kv [B,N,d], idx [B,S,K])` — query s attends rows idx[b,s,:] (−1 = skip);
+    * `Segment.dense(kv [B,N,d], mask [B,S,N])` — query s attends every row where mask is true;
+    * `Segment.per_query(rows [B,S,K,d], valid [B,S,K])` — rows already gathered per query."""
+
+    def __init__(self, kv, idx=None, mask=None, per_query=False):
+        self.kv, self.idx, self.mask, self.is_per_query = kv, idx, mask, per_query
+
+    @classmethod
+    def gather(cls, kv, idx):
+        return cls(kv, idx=idx)
+
+    @classmethod
+    def dense(cls, kv, mask):
+        return cls(kv, mask=mask)
+
+    @classmethod
+    def per_query(cls, rows, valid):
+        return cls(rows, mask=valid, per_query=True)
+
+    def rows(self, o):
+        """(keys, per_query): [B,S,K,d] gathered per query, or the shared [B,N,d] rows."""
+        if self.idx is None:
+            return self.kv, self.is_per_query
+        b, s, k = self.idx.shape
+        flat = o.reshape(o.maximum(self.idx, 0), [b, s * k])
+        return o.reshape(o.gather_rows(self.kv, flat), [b, s, k, self.kv.shape[-1]]), True
+
+    def valid(self, o):
+        return self.mask if self.idx is None else self.idx >= 0
+
+
 class Ops:
     """Abstract op set.  Subclasses implement the primitives; composites have default decompositions."""
 
@@ -113,10 +146,36 @@ class Ops:
     def gather_rows(self, x, idx):                   # x [B,N,...], idx [B,M] → [B,M,...]
         raise NotImplementedError
 
-    def scatter_rows(self, buf, idx, rows):          # functional buf[b, idx[b,m]] = rows[b,m]; returns new buf
+    def write_rows(self, buf, idx, rows):            # buf[b, idx[b,m]] = rows[b,m] (in the buffer's dtype); returns
+        raise NotImplementedError                    # the buffer, which eager backends update in place
+
+    def copy(self, x):                               # an independent copy (forking a state)
         raise NotImplementedError
 
-    def topk(self, x, k):                            # indices of the k largest along the last axis, ties → lower index
+    def state_buffer(self, shape, kind):             # zeros in the storage dtype of a cache buffer kind
+        raise NotImplementedError                    # ("act" | "hp" | "int" | "u8", see `portable.cache`)
+
+    def read(self, buf):                             # a stored buffer as compute values (bf16 words → float)
+        return buf
+
+    def trim(self, buf, count):                      # rows 0..max(count)−1 at least; traced backends return buf
+        return buf
+
+    def topk(self, x, k):                            # indices of the k largest along the last axis, largest first,
+        raise NotImplementedError                    # ties → lower index (a partial selection, not a full sort)
+
+    # state storage codecs (deploy format, model spec §5): values → (codes, E8M0 scale bytes) per block of the
+    # last axis, and back.  FP8 codes are e4m3 bytes; FP4 codes are e2m1 nibbles, two per byte (low first).
+    def encode_fp8(self, x, block):
+        raise NotImplementedError
+
+    def decode_fp8(self, codes, scales, block):
+        raise NotImplementedError
+
+    def encode_fp4(self, x, block):
+        raise NotImplementedError
+
+    def decode_fp4(self, packed, scales, block):
         raise NotImplementedError
 
     def dense(self, w):                              # a loaded weight as a dense compute-dtype array
@@ -128,6 +187,18 @@ class Ops:
 
     def indexer_round(self, x):                      # Hadamard + FP4 rounding of indexer q / keys
         return x
+
+    def rotate_fp4(self, x):
+        """Hadamard rotation, then an FP4 round trip per 32: the indexer's q and keys in the deploy format
+        (what `indexer_round` emulates; the rotation is orthonormal, so scores only change by the FP4)."""
+        return self.decode_fp4(*self.encode_fp4(self.matmul(x, self.hadamard(x.shape[-1])), 32), 32)
+
+    def hadamard(self, n):
+        """The normalized Sylvester–Hadamard matrix H_n/√n (n a power of two) as a compute-dtype array."""
+        h = [[1.0]]
+        while len(h) < n:
+            h = [row + row for row in h] + [row + [-v for v in row] for row in h]
+        return self.asarray([[v / math.sqrt(n) for v in row] for row in h])
 
     # ------------------------------------------------------------------ small composites
     def sigmoid(self, x):
@@ -226,35 +297,68 @@ class Ops:
         return self.act(self.sum(self.reshape(w, [b, s, hc, 1]) * self.hp(h), 2))
 
     # ------------------------------------------------------------------ attention (§3.4)
-    def sink_attention(self, q, kv, idx, sink, scale):
-        """Softmax attention of q [B,S,H,d] over rows idx [B,S,K] (−1 = skip) of kv [B,N,d], values = keys,
-        with a per-head sink logit [H] that only enlarges the denominator."""
+    def sink_attention(self, q, segments, sink, scale):
+        """Softmax attention of q [B,S,H,d] over the union of `segments` (values = keys), with a per-head
+        sink logit [H] that only enlarges the denominator.  One softmax spans all segments, so the window,
+        the step's own rows and the stored entries are attended without concatenating them."""
         b, s, h, d = q.shape
-        k = idx.shape[-1]
-        g = self.reshape(self.gather_rows(kv, self.reshape(self.maximum(idx, 0), [b, s * k])), [b, s, k, d])
-        sc = self.matmul(self.hp(q), self.transpose(self.hp(g), (0, 1, 3, 2))) * scale     # [B,S,H,K]
-        valid = self.reshape(idx >= 0, [b, s, 1, k])
-        sc = self.where(valid, sc, NEG_INF)
+        qh = self.hp(q)
+        parts = []
+        for seg in segments:
+            kv, per_query = seg.rows(self)
+            kvh = self.hp(kv)
+            if per_query:                                                    # kv [B,S,K,d]
+                n = kv.shape[2]
+                sc = self.matmul(qh, self.transpose(kvh, (0, 1, 3, 2)))      # [B,S,H,K]
+            else:                                                            # kv [B,N,d]
+                n = kv.shape[1]
+                sc = self.reshape(self.matmul(self.reshape(qh, [b, s * h, d]), self.transpose(kvh, (0, 2, 1))),
+                                  [b, s, h, n])
+            valid = self.reshape(seg.valid(self), [b, s, 1, n])
+            parts.append((kvh, per_query, n, self.where(valid, sc * scale, NEG_INF)))
+        sc = self.concat([p[3] for p in parts], -1) if len(parts) > 1 else parts[0][3]
         sk = self.reshape(self.hp(sink), [1, 1, h, 1])
         mx = self.maximum(self.max(sc, -1, keepdims=True), sk)
         e = self.exp(sc - mx)
-        p = e / (self.sum(e, -1, keepdims=True) + self.exp(sk - mx))
-        return self.act(self.matmul(self.act(p), g))
+        p = self.act(e / (self.sum(e, -1, keepdims=True) + self.exp(sk - mx)))
+        out, off = None, 0
+        for kvh, per_query, n, _ in parts:
+            pp = p[..., off:off + n]
+            off = off + n
+            if per_query:
+                y = self.matmul(pp, kvh)                                                   # [B,S,H,d]
+            else:
+                y = self.reshape(self.matmul(self.reshape(pp, [b, s * h, n]), kvh), [b, s, h, d])
+            out = y if out is None else out + y
+        return self.act(out)
 
     # ------------------------------------------------------------------ lightning indexer (§4.3)
-    def indexer_topk(self, qi, w, keys, visible, k):
-        """Top-k compressed entries per query among the causally visible ones.
+    def indexer_topk(self, qi, w, segments, k):
+        """Top-k key rows per query among the visible ones, over several key segments at once.
 
-        qi [B,S,nh,c], w [B,S,nh] (already scaled), keys [B,N,c], visible [B,S] = number of visible entries.
-        Returns entry indices [B,S,k], −1 where fewer than k entries are visible."""
-        b, n, c = keys.shape
-        sc = self.matmul(self.hp(qi), self.reshape(self.transpose(self.hp(keys), (0, 2, 1)), [b, 1, c, n]))
-        score = self.sum(self.relu(sc) * self.reshape(self.hp(w), list(w.shape) + [1]), 2)     # [B,S,N]
-        j = self.reshape(self.arange(n), [1, 1, n])
-        vis = self.reshape(visible, list(visible.shape) + [1])
-        score = self.where(j < vis, score, NEG_INF)
-        sel = self.topk(score, k)
-        return self.where(sel < vis, sel, -1)
+        qi [B,S,nh,c], w [B,S,nh] (already scaled); `segments` = [(keys [B,N,c], count [B,S])]: query s
+        sees rows < count[b,s] of each.  Rows are ranked as if the segments were concatenated in order
+        (ties → the earlier row).  Returns one index array [B,S,k] per segment: the picks that fall in that
+        segment, −1 elsewhere and where fewer than k rows are visible."""
+        b, s, nh, c = qi.shape
+        qh, wh = self.hp(qi), self.reshape(self.hp(w), list(w.shape) + [1])
+        scores = []
+        for keys, count in segments:
+            n = keys.shape[1]
+            sc = self.matmul(qh, self.reshape(self.transpose(self.hp(keys), (0, 2, 1)), [b, 1, c, n]))
+            score = self.sum(self.relu(sc) * wh, 2)                                          # [B,S,N]
+            j = self.reshape(self.arange(n), [1, 1, n])
+            scores.append(self.where(j < self.reshape(count, [b, s, 1]), score, NEG_INF))
+        allsc = self.concat(scores, -1) if len(scores) > 1 else scores[0]
+        total = allsc.shape[-1]
+        sel = self.topk(allsc, min(k, total) if isinstance(total, int) else k)
+        sel = self.where(self.take_along_axis(allsc, sel, -1) > NEG_INF, sel, -1)
+        out, off = [], 0
+        for sc in scores:
+            r = sel - off                                                    # −1 picks stay negative
+            out.append(self.where(r >= 0, self.where(r < sc.shape[-1], r, -1), -1))
+            off = off + sc.shape[-1]
+        return out
 
     # ------------------------------------------------------------------ compressor pooling (§4.1)
     def compress_pool(self, kv, gate):

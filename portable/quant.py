@@ -255,6 +255,39 @@ def _blocks(x: np.ndarray, block: int) -> np.ndarray:
     return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
 
 
+def _block_scales(x: np.ndarray, block: int, fmax: float, floor: float):
+    """x viewed as [..., n/block, block] and its power-of-two scales [..., n/block, 1] (fp32 amax rule)."""
+    xb = _blocks(x, block)
+    amax = np.abs(xb).max(axis=-1, keepdims=True).astype(np.float32)
+    return xb, _pow2_ceil(np.maximum(amax, np.float32(floor)) * np.float32(1 / fmax))
+
+
+def encode_fp8_blocks(x: np.ndarray, block: int = 64):
+    """Values [..., n] → (e4m3 bytes [..., n], E8M0 scale bytes [..., n/block]): the deploy format of KV
+    entries (model spec §5), with the scale rule of `act_fp8_round` (so decoding gives its values)."""
+    xb, s = _block_scales(np.asarray(x), block, E4M3_MAX, 1e-4)
+    codes = f32_to_e4m3(np.clip(xb / s, -E4M3_MAX, E4M3_MAX))
+    return codes.reshape(np.shape(x)), f32_to_e8m0(s[..., 0])
+
+
+def decode_fp8_blocks(codes: np.ndarray, scales: np.ndarray, block: int = 64) -> np.ndarray:
+    v = e4m3_to_f32(codes).reshape(codes.shape[:-1] + (-1, block)) * e8m0_to_f32(scales)[..., None]
+    return v.reshape(codes.shape)
+
+
+def encode_fp4_blocks(x: np.ndarray, block: int = 32):
+    """Values [..., n] → (packed e2m1 bytes [..., n/2], E8M0 scale bytes [..., n/block]): the deploy
+    format of indexer keys, with the scale rule of `act_fp4_round`."""
+    xb, s = _block_scales(np.asarray(x), block, E2M1_MAX, E2M1_MAX * 2.0 ** -126)
+    nib = f32_to_e2m1(np.clip(xb / s, -E2M1_MAX, E2M1_MAX)).reshape(np.shape(x))
+    return pack_fp4(nib), f32_to_e8m0(s[..., 0])
+
+
+def decode_fp4_blocks(packed: np.ndarray, scales: np.ndarray, block: int = 32) -> np.ndarray:
+    v = E2M1[unpack_fp4(packed)]
+    return (v.reshape(v.shape[:-1] + (-1, block)) * e8m0_to_f32(scales)[..., None]).reshape(v.shape)
+
+
 def act_fp8_round(x: np.ndarray, block: int = 128) -> np.ndarray:
     """Quantize-dequantize through e4m3 in blocks along the last axis, as the official act_quant does.
 
@@ -262,9 +295,7 @@ def act_fp8_round(x: np.ndarray, block: int = 128) -> np.ndarray:
     via the exponent bits; x/s is clamped to ±448 and rounded to e4m3 (RNE).  Output keeps x's dtype.
     """
     x = np.asarray(x)
-    xb = _blocks(x, block)
-    amax = np.abs(xb).max(axis=-1, keepdims=True).astype(np.float32)
-    s = _pow2_ceil(np.maximum(amax, np.float32(1e-4)) * np.float32(1 / E4M3_MAX))
+    xb, s = _block_scales(x, block, E4M3_MAX, 1e-4)
     y = _round_grid(np.clip(xb / s, -E4M3_MAX, E4M3_MAX), 3, -6) * s
     return y.reshape(x.shape).astype(x.dtype)
 
@@ -275,9 +306,7 @@ def act_fp4_round(x: np.ndarray, block: int = 32) -> np.ndarray:
     Scale: fp32 max(amax, 6·2^−126) · fp32(1/6), rounded up to a power of two; values clamp to ±6.
     """
     x = np.asarray(x)
-    xb = _blocks(x, block)
-    amax = np.abs(xb).max(axis=-1, keepdims=True).astype(np.float32)
-    s = _pow2_ceil(np.maximum(amax, np.float32(E2M1_MAX * 2.0 ** -126)) * np.float32(1 / E2M1_MAX))
+    xb, s = _block_scales(x, block, E2M1_MAX, E2M1_MAX * 2.0 ** -126)
     y = _round_grid(np.clip(xb / s, -E2M1_MAX, E2M1_MAX), 1, 0) * s
     return y.reshape(x.shape).astype(x.dtype)
 

@@ -99,13 +99,53 @@ class NumpyOps(Ops):
     def gather_rows(self, x, idx):
         return x[np.arange(x.shape[0])[:, None], idx]
 
-    def scatter_rows(self, buf, idx, rows):
-        out = buf.copy()
-        out[np.arange(buf.shape[0])[:, None], idx] = rows
-        return out
+    def write_rows(self, buf, idx, rows):
+        if buf.dtype == np.uint16 and rows.dtype != np.uint16:
+            rows = quant.f32_to_bf16(rows)
+        buf[np.arange(buf.shape[0])[:, None], idx] = rows
+        return buf
+
+    def copy(self, x):
+        return np.array(x, copy=True)
+
+    def state_buffer(self, shape, kind):
+        """bf16 "act" buffers of a bfloat16 run are stored as raw bf16 words (numpy has no bfloat16)."""
+        dt = {"int": np.int64, "u8": np.uint8, "hp": self.dt,
+              "act": np.uint16 if self.dtype == "bfloat16" else self.dt}[kind]
+        return np.zeros(shape, dtype=dt)
+
+    def read(self, buf):
+        return quant.bf16_to_f32(buf) if buf.dtype == np.uint16 else buf
+
+    def trim(self, buf, count):
+        """Eager: only the rows some query can see (the reference may branch on values)."""
+        return buf[:, :int(np.max(count, initial=0))]
 
     def topk(self, x, k):
-        return np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        """Partial selection: the k-th largest value bounds the picks (O(n)); the k picks are then ordered
+        by (value descending, index ascending), so ties go to the lower index as a stable sort would."""
+        n = x.shape[-1]
+        if k >= n:
+            return np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        kth = np.partition(x, n - k, axis=-1)[..., n - k:n - k + 1]
+        above = x > kth
+        ties = np.cumsum(x == kth, axis=-1) <= k - above.sum(-1, keepdims=True)
+        picked = np.nonzero(above | ((x == kth) & ties))[-1].reshape(x.shape[:-1] + (k,))
+        vals = np.take_along_axis(x, picked, -1)
+        return np.take_along_axis(picked, np.argsort(-vals, axis=-1, kind="stable"), -1)
+
+    # deploy-format state codecs (model spec §5)
+    def encode_fp8(self, x, block):
+        return quant.encode_fp8_blocks(x, block)
+
+    def decode_fp8(self, codes, scales, block):
+        return quant.decode_fp8_blocks(codes, scales, block).astype(self.dt)
+
+    def encode_fp4(self, x, block):
+        return quant.encode_fp4_blocks(x, block)
+
+    def decode_fp4(self, packed, scales, block):
+        return quant.decode_fp4_blocks(packed, scales, block).astype(self.dt)
 
     def dense(self, w):
         if not isinstance(w, quant.QuantWeight):
@@ -187,7 +227,7 @@ class NumpyWeights:
         return self._cache[prefix]
 
 
-def make_runner(cfg, ckpt, dtype="float32", emulate=False, **_):
+def make_runner(cfg, ckpt, dtype="float32", emulate=False, state_format="bf16", **_):
     from .runtime import GraphRunner
     ops = NumpyOps(dtype, emulate)
-    return GraphRunner(cfg, ops, NumpyWeights(ckpt, ops.dt))
+    return GraphRunner(cfg, ops, NumpyWeights(ckpt, ops.dt), state_format)

@@ -5,10 +5,13 @@ one.  Each backend module registers a `make_runner(cfg, ckpt, dtype=..., emulate
 name when imported; the registry knows only the module paths of the built-in ones and imports them
 lazily, so a missing optional dependency becomes a one-line error naming the extra to install.
 
-A runner is the one thing a backend must provide: `new_state(batch, max_len)`, `step(state, ids) ->
-(logits, state, streams)` on NumPy int ids / float32 logits, and `mtp_step(...)`.  `GraphRunner` is the
-eager implementation over any `Ops`; backends may wrap it (compiled steps, CUDA graphs) or replace it
-(an ONNX session).
+A runner is the one thing a backend must provide: `new_state(batch)`, `step(state, ids) -> (logits,
+streams)` on NumPy int ids / float32 logits, updating the state in place, `mtp_step(...)`, `fork(state)`
+and `stack`/`split` for batching.  `GraphRunner` is the eager implementation over any `Ops`; backends may
+wrap it (compiled steps per capacity bucket, CUDA graphs) or replace it (an ONNX session).
+
+States follow the text, not the context (`portable.cache`): a new state holds the smallest capacity
+bucket, `step` grows it before a chunk that would overflow it, and `context` is only the limit.
 """
 
 from __future__ import annotations
@@ -57,31 +60,52 @@ def get_backend(name: str):
 class GraphRunner:
     """Runs `portable.graph` eagerly on an `Ops` instance with a weight store."""
 
-    def __init__(self, cfg: ModelConfig, ops, weights):
-        self.cfg, self.ops, self.weights = cfg, ops, weights
+    def __init__(self, cfg: ModelConfig, ops, weights, state_format: str = "bf16"):
+        if state_format not in cache.FORMATS:
+            raise ValueError(f"state_format must be one of {', '.join(cache.FORMATS)}, got {state_format!r}")
+        self.cfg, self.ops, self.weights, self.state_format = cfg, ops, weights, state_format
+        self.limit: int | None = None          # the model's context (set by `Model`): the largest capacity
 
-    def new_state(self, batch: int, max_len: int) -> dict:
-        return cache.new_state(self.ops, cache.state_spec(self.cfg, batch, max_len))
+    def new_state(self, batch: int, capacity: int = 0) -> cache.State:
+        return cache.State.new(self.ops, self.cfg, batch, cache.capacity_for(capacity, self.limit),
+                               self.state_format)
 
-    def new_mtp_state(self, batch: int, max_len: int) -> dict:
-        return cache.new_state(self.ops, cache.mtp_state_spec(self.cfg, batch, max_len))
+    def new_mtp_state(self, batch: int, capacity: int = 0) -> cache.State:
+        return cache.State.new(self.ops, self.cfg, batch, cache.capacity_for(capacity, self.limit),
+                               self.state_format, mtp=True)
 
-    def step(self, state: dict, ids: np.ndarray):
+    def reserve(self, state: cache.State, n: int) -> None:
+        """Grow `state` so n more tokens fit (a copy of the rows held, only at a bucket boundary)."""
+        state.reserve(self.ops, self.position(state) + n, self.limit)
+
+    def step(self, state: cache.State, ids: np.ndarray):
         o = self.ops
-        logits, new, streams = graph.forward(o, self.weights, self.cfg, state, o.asarray(ids, "int"))
-        return np.asarray(o.to_numpy(logits)), new, streams
+        self.reserve(state, ids.shape[1])
+        logits, streams = graph.forward(o, self.weights, self.cfg, state, o.asarray(ids, "int"))
+        return np.asarray(o.to_numpy(logits)), streams
 
-    def mtp_step(self, state: dict, streams, ids_next: np.ndarray):
+    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray):
         o = self.ops
-        logits, new = graph.mtp_forward(o, self.weights, self.cfg, state, streams, o.asarray(ids_next, "int"))
-        return np.asarray(o.to_numpy(logits)), new
+        self.reserve(state, ids_next.shape[1])
+        logits = graph.mtp_forward(o, self.weights, self.cfg, state, streams, o.asarray(ids_next, "int"))
+        return np.asarray(o.to_numpy(logits))
 
-    def position(self, state: dict) -> int:
+    def position(self, state) -> int:
         """Tokens already in `state` (the longest sequence of the batch)."""
         return int(np.max(self.ops.to_numpy(state["start"])))
 
-    def state_to_numpy(self, state: dict) -> dict:
-        return {k: np.asarray(self.ops.to_numpy(v)) for k, v in state.items()}
+    def fork(self, state: cache.State) -> cache.State:
+        return state.fork(self.ops)
+
+    def stack(self, states: list) -> cache.State:
+        return cache.stack(self.ops, states)
+
+    def split(self, state: cache.State) -> list:
+        return cache.split(self.ops, state)
+
+    def state_to_numpy(self, state) -> dict:
+        """Host copies of every buffer, bf16 words and other stored forms as float32 where they are floats."""
+        return {k: np.asarray(self.ops.to_numpy(self.ops.read(v))) for k, v in state.items()}
 
 
 class ContextError(ValueError):
@@ -95,6 +119,7 @@ class Model:
     def __init__(self, cfg: ModelConfig, runner, path: Path | None, backend: str, dtype: str, context: int):
         self.config, self.runner, self.path = cfg, runner, path
         self.backend, self.dtype, self.context = backend, dtype, context
+        runner.limit = context
         self._tokenizer = None
 
     @property
@@ -110,14 +135,27 @@ class Model:
                                f"(load with a larger context=, at most {self.config.max_position_embeddings})")
 
     def new_state(self, batch: int = 1):
-        return self.runner.new_state(batch, self.context)
+        """A fresh state holding no tokens; its memory grows with the tokens fed, up to `context`."""
+        return self.runner.new_state(batch)
 
     def step(self, state, ids):
-        """Feed ids [B,S] to `state`; returns (logits [B,S,V] float32, new state)."""
+        """Feed ids [B,S] to `state`, which is updated in place (it is also returned, so `logits, state =
+        model.step(state, ids)` reads naturally); returns (logits [B,S,V] float32, state).  Fork a state
+        first (`fork_state`) to keep the old one."""
         ids = np.asarray(ids, dtype=np.int64)
         self.check_length(self.runner.position(state) + ids.shape[1])
-        logits, new, _ = self.runner.step(state, ids)
-        return logits.astype(np.float32), new
+        logits, _ = self.runner.step(state, ids)
+        return logits.astype(np.float32), state
+
+    def fork_state(self, state):
+        """An independent copy of `state` (cost proportional to the tokens it holds)."""
+        return self.runner.fork(state)
+
+    def state_info(self, state) -> dict:
+        """What a state really holds: tokens (longest sequence), capacity (tokens its buffers fit) and the
+        bytes of its buffers."""
+        return {"tokens": self.runner.position(state), "capacity": int(state.capacity),
+                "bytes": int(state.nbytes())}
 
     def forward(self, ids, chunk: int | None = None, full_precision: bool = False):
         """Logits for every position of ids ([S] or [B,S]) from a fresh state, float32 NumPy (or the
@@ -130,7 +168,7 @@ class Model:
         chunk = chunk or ids2.shape[1]
         outs = []
         for a in range(0, ids2.shape[1], chunk):
-            logits, state, _ = self.runner.step(state, ids2[:, a:a + chunk])
+            logits, _ = self.runner.step(state, ids2[:, a:a + chunk])
             outs.append(logits)
         out = np.concatenate(outs, 1)
         out = out if full_precision else out.astype(np.float32)
@@ -141,8 +179,8 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64)[None]
         nxt = np.asarray(ids_next, dtype=np.int64)[None]
         self.check_length(ids.shape[1])
-        _, _, streams = self.runner.step(self.new_state(1), ids)
-        logits, _ = self.runner.mtp_step(self.runner.new_mtp_state(1, self.context), streams, nxt)
+        _, streams = self.runner.step(self.new_state(1), ids)
+        logits = self.runner.mtp_step(self.runner.new_mtp_state(1), streams, nxt)
         return logits[0].astype(np.float32)
 
     def generate(self, prompt_ids, **kw):
@@ -184,9 +222,19 @@ def converted_for(path: Path, backend: str) -> bool:
     return True
 
 
+def default_state_format(backend: str, dtype: str) -> str:
+    """"deploy" (FP8/FP4 entries) for bfloat16 runs on the deployment backends, else entries as computed."""
+    return "deploy" if dtype == "bfloat16" and backend in ("mlx", "cuda") else "bf16"
+
+
 def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emulate: bool = False,
-         context: int | None = None, validate: bool = True, progress=None, **backend_options) -> Model:
+         context: int | None = None, validate: bool = True, progress=None, state_format: str | None = None,
+         **backend_options) -> Model:
     """Load a V4 checkpoint (official layout or a backend's converted directory) on a backend.
+
+    `context` is the longest sequence allowed (states grow with the tokens held, never to `context` up
+    front); `state_format` is how compressed entries are stored: "bf16" (the activation dtype) or "deploy"
+    (FP8 nope + BF16 rope + E8M0, FP4 indexer keys; model spec §5), by default `default_state_format`.
 
     `progress(bytes_read, bytes_total)` is called while a backend copies weights into its own memory (MLX,
     torch); the reference maps the checkpoint and reads each tensor when first used, so it reports
@@ -195,14 +243,17 @@ def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emu
     make_runner = get_backend(backend)
     path = resolve_path(path_or_preset)
     cfg = ModelConfig.from_file(path)
+    fmt = state_format or default_state_format(backend, dtype)
+    if fmt not in cache.FORMATS:
+        raise ValueError(f"state_format must be one of {', '.join(cache.FORMATS)}, got {fmt!r}")
     if backend == "onnx":
-        runner = make_runner(cfg, path, dtype=dtype, emulate=emulate, **backend_options)
+        runner = make_runner(cfg, path, dtype=dtype, emulate=emulate, state_format=fmt, **backend_options)
     else:
         ckpt = Checkpoint(path)
         if validate and not converted_for(path, backend):
             ckpt.validate(cfg)
         ckpt.watch(progress)
-        runner = make_runner(cfg, ckpt, dtype=dtype, emulate=emulate, **backend_options)
+        runner = make_runner(cfg, ckpt, dtype=dtype, emulate=emulate, state_format=fmt, **backend_options)
         ckpt.watch(None)
     # default context: 16K, or less where the model (or an export's fixed state capacity) allows less
     default = min(cfg.max_position_embeddings, 16384, getattr(runner, "max_len", 16384))

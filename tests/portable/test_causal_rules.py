@@ -14,10 +14,14 @@ class Spy(NumpyOps):
         super().__init__("float64")
         self.topk_calls, self.moe_calls = [], []
 
-    def indexer_topk(self, qi, w, keys, visible, k):
-        sel = super().indexer_topk(qi, w, keys, visible, k)
-        self.topk_calls.append((visible.copy(), sel.copy()))
-        return sel
+    def indexer_topk(self, qi, w, segments, k):
+        """Records (visible count, picked entry ids); used on one-shot forwards, where no entry is stored
+        yet, so the stored segment is empty and the new segment's row r is entry r."""
+        old, new = super().indexer_topk(qi, w, segments, k)
+        (_, n_old), (_, n_new) = segments
+        assert (old < 0).all() and (n_old == 0).all()
+        self.topk_calls.append((n_old + n_new, new.copy()))
+        return old, new
 
     def moe(self, x, idx, wts, experts, limit):
         self.moe_calls.append((idx.copy(), wts.copy()))

@@ -1,8 +1,10 @@
 """ModelConfig validation messages and the cache byte figures of model spec §5."""
 
+import math
+
 import pytest
 
-from dsv4.portable.cache import bytes_per_token, state_bytes, state_spec
+from dsv4.portable.cache import bytes_per_token, capacity_for, state_bytes, state_spec
 from dsv4.portable.config import CSA, HCA, WINDOW, ConfigError, ModelConfig, PRESETS, preset
 
 
@@ -75,7 +77,31 @@ def test_state_spec_shapes():
     cfg = preset("tiny")
     spec = {b.name: b for b in state_spec(cfg, 2, 512)}
     assert spec["start"].shape == (2,)
-    assert spec["L0.win"].shape == (2, 128, 128) and "L0.comp" not in spec
-    assert spec["L1.comp"].shape == (2, 129, 128) and spec["L1.ckv"].shape == (2, 7, 256)
-    assert spec["L1.ikeys"].shape == (2, 129, 128) and spec["L1.igate"].fill == float("-inf")
-    assert spec["L2.comp"].shape == (2, 5, 128) and spec["L2.cgate"].shape == (2, 127, 128)
+    assert spec["L0.window"].shape == (2, 129, 128) and "L0.entries" not in spec      # ring + spill row
+    assert spec["L1.entries"].shape == (2, 129, 128) and spec["L1.kv"].shape == (2, 9, 256)
+    assert spec["L1.index.keys"].shape == (2, 129, 128) and spec["L1.index.gate"].shape == (2, 9, 256)
+    assert spec["L2.entries"].shape == (2, 5, 128) and spec["L2.gate"].shape == (2, 129, 128)
+    assert [b.name for b in spec.values() if b.grows] == ["L1.entries", "L1.index.keys", "L2.entries",
+                                                         "L3.entries", "L3.index.keys", "L4.entries"]
+
+
+def test_deploy_spec_bytes_match_the_byte_model():
+    """Deploy entries: FP8 nope + E8M0 per 64 + bf16 rope; indexer keys: packed FP4 + E8M0 per 32."""
+    cfg = preset("flash")
+    spec = {b.name: b for b in state_spec(cfg, 1, 1 << 20, "deploy")}
+    assert spec["L2.entries.nope"].shape == (1, 262145, 448) and spec["L2.entries.scale"].shape[-1] == 7
+    assert spec["L2.index.keys.fp4"].shape == (1, 262145, 64) and spec["L2.index.keys.scale"].shape[-1] == 4
+    size = {"u8": 1, "act": 2}
+    held = sum(math.prod(b.shape[1:]) * size[b.kind] for b in spec.values() if b.grows)
+    assert abs(held / (1 << 20) - bytes_per_token(cfg, "deploy")) < 1     # up to the spill rows
+
+
+@pytest.mark.parametrize("tokens,cap", [(0, 128), (1, 128), (128, 128), (129, 256), (300, 384), (513, 640),
+                                        (16385, 20480), (1 << 20, 1 << 20)])
+def test_capacity_buckets_follow_tokens(tokens, cap):
+    assert capacity_for(tokens) == cap
+    assert capacity_for(tokens) % 128 == 0 and capacity_for(tokens) <= max(tokens, 1) * 1.25 + 128
+
+
+def test_capacity_is_clipped_to_the_limit():
+    assert capacity_for(300, limit=320) == 320 and capacity_for(2000, limit=1 << 20) == 2048

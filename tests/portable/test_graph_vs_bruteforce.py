@@ -41,7 +41,7 @@ def test_graph_matches_bruteforce(name, chunks, rand_ids):
     ref = bruteforce.bruteforce_logits(model.config, dense_weights(path), ids)
     state, outs, a = model.new_state(1), [], 0
     for n in chunks:
-        logits, state, _ = model.runner.step(state, ids[None, a:a + n])
+        logits, _ = model.runner.step(state, ids[None, a:a + n])
         outs.append(logits[0])
         a += n
     got = np.concatenate(outs)
@@ -53,6 +53,6 @@ def test_mtp_matches_bruteforce(tiny_dir, rand_ids):
     model = dsv4.load(tiny_dir, dtype="float64", context=512)
     ids = rand_ids(150, seed=5)
     ref = bruteforce.bruteforce_mtp_logits(model.config, dense_weights(tiny_dir), ids[:-1], ids[1:])
-    _, _, streams = model.runner.step(model.new_state(1), ids[None, :-1])
-    got, _ = model.runner.mtp_step(model.runner.new_mtp_state(1, 512), streams, ids[None, 1:])
+    _, streams = model.runner.step(model.new_state(1), ids[None, :-1])
+    got = model.runner.mtp_step(model.runner.new_mtp_state(1), streams, ids[None, 1:])
     assert np.linalg.norm(got[0] - ref) / np.linalg.norm(ref) < 1e-12

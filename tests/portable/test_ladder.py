@@ -16,7 +16,7 @@ SPLITS = {
 def run_chunks(model, ids, sizes):
     state, outs, a = model.new_state(1), [], 0
     for n in sizes:
-        logits, state, _ = model.runner.step(state, ids[None, a:a + n])
+        logits, _ = model.runner.step(state, ids[None, a:a + n])
         outs.append(logits[0])
         a += n
     return np.concatenate(outs, 0), state
@@ -44,14 +44,13 @@ def test_states_match_after_different_splits(tiny_dir, rand_ids):
     ids = rand_ids(203, seed=3)
     _, a = run_chunks(model, ids, [203])
     _, b = run_chunks(model, ids, [5, 1, 97, 100])
-    assert a.keys() == b.keys()
-    for k in a:
+    assert a.keys() == b.keys() and a.capacity == b.capacity
+    for k in a.keys():
         x, y = np.asarray(a[k]), np.asarray(b[k])
-        fin = np.isfinite(x)
-        assert (fin == np.isfinite(y)).all(), k
-        if k.endswith(".comp") or k.endswith(".ikeys"):        # last row is the masked-write spill slot
-            x, y, fin = x[:, :-1], y[:, :-1], fin[:, :-1]
-        np.testing.assert_allclose(x[fin], y[fin], rtol=1e-12, atol=1e-12, err_msg=k)
+        if k != "start":                                   # the last row is the spill row of skipped writes
+            x, y = x[:, :-1], y[:, :-1]
+        assert np.abs(x).max() > 0, k
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12, err_msg=k)
 
 
 def test_batch_rows_are_independent(tiny_dir, rand_ids):
