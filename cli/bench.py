@@ -49,11 +49,14 @@ def measure(model, prompt_tokens: int, gen_tokens: int, chunk: int, seed: int) -
         logits, state = model.step(state, np.asarray([[tok]], dtype=np.int64))
         tok = int(np.argmax(logits[0, -1]))
     decode_s = time.perf_counter() - t1
+    held = model.state_info(state)
     return {"backend": model.backend, "dtype": model.dtype, "model": str(model.path),
             "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "prefill_chunk": chunk,
             "prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4),
             "prefill_tok_s": round(prompt_tokens / prefill_s, 2), "decode_tok_s": round(gen_tokens / decode_s, 2),
-            "ms_per_token": round(1000 * decode_s / gen_tokens, 2), "peak_rss_bytes": peak_rss_bytes()}
+            "ms_per_token": round(1000 * decode_s / gen_tokens, 2), "peak_rss_bytes": peak_rss_bytes(),
+            "context": model.context, "state_tokens": held["tokens"], "state_capacity": held["capacity"],
+            "state_bytes": held["bytes"]}
 
 
 def bench(
@@ -85,4 +88,6 @@ def bench(
     t.add_row("decode", str(gen_tokens), f"{result['decode_s']:.3f}", f"{result['decode_tok_s']:.1f}")
     console = Console(highlight=False)
     console.print(t)
-    console.print(f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB · {result['ms_per_token']:.1f} ms/token")
+    console.print(f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB · {result['ms_per_token']:.1f} ms/token · "
+                  f"state {result['state_bytes'] / 2**20:.1f} MiB for {result['state_tokens']} tokens "
+                  f"(capacity {result['state_capacity']}, context limit {result['context']})")

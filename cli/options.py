@@ -19,7 +19,8 @@ Backend = Annotated[str, typer.Option(
                             "GPU, else the fastest installed CPU backend.")]
 Dtype = Annotated[str, typer.Option("--dtype", help=f"Compute dtype: {'|'.join(DTYPE_CHOICES)}.")]
 Context = Annotated[Optional[int], typer.Option(
-    "--context", "-c", help="Context (state capacity) in tokens. Default: 4096 or the model's maximum.")]
+    "--context", "-c", help="Longest sequence in tokens (a limit: the state grows with the text). "
+                              "Default: 4096 or the model's maximum.")]
 Force = Annotated[bool, typer.Option("--force", help="Load even if the memory estimate says it will not fit.")]
 Mode = Annotated[str, typer.Option("--mode", help="chat (no reasoning), thinking (high effort) or max.")]
 System = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]

@@ -191,7 +191,7 @@ class ChatSession:
         """Snapshot the state after ids[:-1] (see module docstring); returns how many were cached before."""
         head = ids[:-1]
         hit = self.cache.lookup(head)
-        state, done = (hit[1], len(hit[0])) if hit else (self.model.new_state(1), 0)
+        state, done = (self.model.fork_state(hit[1]), len(hit[0])) if hit else (self.model.new_state(1), 0)
         cached = done
         while done < len(head) and not interrupt.requested:
             chunk = head[done:done + self.prefill_chunk]

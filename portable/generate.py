@@ -1,9 +1,10 @@
 """Generation: chunked prefill, the decode loop, stop ids, streaming, and reuse of a cached prompt prefix.
 
-Backend-agnostic: it drives `Model.step` (state in, state out) and samples on the host.  States are
-immutable values, so a `PrefixCache` can keep the state after a conversation's tokens and the next chat
-turn resumes from it when its prompt extends those tokens exactly (encoding spec §3.3 says when a
-multi-turn prompt is a strict extension of the previous one).
+Backend-agnostic: it drives `Model.step` (which updates a state in place) and samples on the host.  A
+`PrefixCache` keeps the state after a conversation's tokens and the next chat turn resumes from a fork
+of it when its prompt extends those tokens exactly (encoding spec §3.3 says when a multi-turn prompt is
+a strict extension of the previous one); the fork costs a copy of the tokens held, far less than
+re-reading them.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class Result:
 
 
 class PrefixCache:
-    """Keeps (token ids, state) snapshots; `lookup` returns the longest one that prefixes a new prompt."""
+    """Keeps (token ids, state) snapshots; `lookup` returns the longest one that prefixes a new prompt.
+    A stored state belongs to the cache: resume from `model.fork_state` of it, never from it directly."""
 
     def __init__(self, capacity: int = 4):
         self.capacity = capacity
@@ -92,7 +94,7 @@ def stream(model, prompt_ids, max_tokens: int = 256, sampling: SamplingParams | 
 
     t0 = time.perf_counter()
     hit = cache.lookup(prompt[:-1]) if cache else None      # always re-feed ≥ 1 token to get logits
-    state, done = (hit[1], len(hit[0])) if hit else (model.new_state(1), 0)
+    state, done = (model.fork_state(hit[1]), len(hit[0])) if hit else (model.new_state(1), 0)
     res.cached_tokens = done
     logits, state = _prefill(model, state, prompt[done:], prefill_chunk)
     res.prefill_s = time.perf_counter() - t0

@@ -271,7 +271,7 @@ def encode_fp8_blocks(x: np.ndarray, block: int = 64):
 
 
 def decode_fp8_blocks(codes: np.ndarray, scales: np.ndarray, block: int = 64) -> np.ndarray:
-    v = e4m3_to_f32(codes).reshape(codes.shape[:-1] + (-1, block)) * e8m0_to_f32(scales)[..., None]
+    v = e4m3_to_f32(codes).reshape(codes.shape[:-1] + (codes.shape[-1] // block, block)) * e8m0_to_f32(scales)[..., None]
     return v.reshape(codes.shape)
 
 
@@ -285,7 +285,7 @@ def encode_fp4_blocks(x: np.ndarray, block: int = 32):
 
 def decode_fp4_blocks(packed: np.ndarray, scales: np.ndarray, block: int = 32) -> np.ndarray:
     v = E2M1[unpack_fp4(packed)]
-    return (v.reshape(v.shape[:-1] + (-1, block)) * e8m0_to_f32(scales)[..., None]).reshape(v.shape)
+    return (v.reshape(v.shape[:-1] + (v.shape[-1] // block, block)) * e8m0_to_f32(scales)[..., None]).reshape(v.shape)
 
 
 def act_fp8_round(x: np.ndarray, block: int = 128) -> np.ndarray:

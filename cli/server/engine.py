@@ -8,17 +8,18 @@ Each scheduler turn (1) drops cancelled jobs, (2) runs one prefill chunk of the 
 prefilling, (3) runs one decode step for every job that is generating.  A long prompt therefore delays
 the running streams by at most one chunk, and new jobs start while others are mid-stream.
 
-Batching: when the runner exposes its `Ops` (every `GraphRunner` backend), the decode steps of all
-generating jobs are one [B,1] step on a stacked state.  Rows may sit at different positions because the
-graph derives positions from the per-row `start`.  The stacked state is rebuilt (rows taken out with
-`ops.take`, stacked with `ops.concat`) only when the set of generating jobs changes.  A runner without
-`Ops` (e.g. an ONNX session) is stepped one job at a time.  Prefill stays per job: prompts differ in
-length, and a [1,S] chunk is already a matrix-matrix product.
+Batching: when the runner can stack and split states (`runner.stack` / `runner.split`), the decode
+steps of all generating jobs are one [B,1] step on a stacked state.  Rows may sit at different positions
+because the graph derives positions from the per-row `start`.  The stacked state is rebuilt only when
+the set of generating jobs changes; stacking and splitting copy the rows held (states are sized to
+their tokens, not to the context).  A runner without them is stepped one job at a time.  Prefill stays
+per job: prompts differ in length, and a [1,S] chunk is already a matrix-matrix product.
 
 Prefix reuse: the `PrefixCache` holds (token ids → (state, next-token logits)) snapshots taken when a
-prompt is fully read and when a job ends.  A job looks the cache up on its first prefill turn (not at
-admission), so identical prompts submitted together reuse the first one's work; an identical prompt
-needs no model step at all, an extension feeds only its new tokens.
+prompt is fully read (a fork, since the job goes on updating its state in place) and when a job ends.
+A job looks the cache up on its first prefill turn (not at admission), so identical prompts submitted
+together reuse the first one's work, from a fork of the snapshot; an identical prompt needs no model
+step at all, an extension feeds only its new tokens.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ class Job:
 
 
 class Engine:
-    """Owns `model` on a scheduler thread.  `model` needs `context`, `new_state(1)`, `step(state, ids)`
-    and, for batching, `runner.ops` with `concat`/`take`/`asarray`."""
+    """Owns `model` on a scheduler thread.  `model` needs `context`, `new_state(1)`, `step(state, ids)`,
+    `fork_state(state)` and, for batching, `runner.stack(states)` / `runner.split(state)`."""
 
     def __init__(self, model, max_queue: int = 64, max_batch: int = 8, prefill_chunk: int = 256,
                  cache_size: int = 8):
@@ -86,9 +87,9 @@ class Engine:
         self.model = model
         self.max_queue, self.max_batch, self.prefill_chunk = max_queue, max_batch, prefill_chunk
         self.cache = PrefixCache(cache_size) if cache_size else None
-        ops = getattr(getattr(model, "runner", None), "ops", None)
-        batchable = ops is not None and all(hasattr(ops, f) for f in ("concat", "take", "asarray"))
-        self._ops = ops if batchable and max_batch > 1 else None
+        runner = getattr(model, "runner", None)
+        batchable = all(hasattr(runner, f) for f in ("stack", "split"))
+        self._runner = runner if batchable and max_batch > 1 else None
         self._waiting: collections.deque = collections.deque()
         self._running: list = []
         self._group = None                      # (members, stacked state) of the last batched step
@@ -100,7 +101,7 @@ class Engine:
 
     @property
     def batching(self) -> bool:
-        return self._ops is not None
+        return self._runner is not None
 
     # ------------------------------------------------------------ public, any thread
     def start(self) -> "Engine":
@@ -179,7 +180,8 @@ class Engine:
             hit = self.cache.lookup(job.prompt) if self.cache else None
             if hit:
                 job.tokens = list(hit[0])
-                job.state, job.logits = hit[1]
+                state, job.logits = hit[1]
+                job.state = self.model.fork_state(state)
             else:
                 job.state = self.model.new_state(1)
             job.cached_tokens = len(job.tokens)
@@ -190,20 +192,20 @@ class Engine:
             job.tokens.extend(todo)
         if len(job.tokens) == len(job.prompt):
             if self.cache is not None and job.cached_tokens < len(job.prompt):
-                self.cache.store(job.prompt, (job.state, job.logits))
+                self.cache.store(job.prompt, (self.model.fork_state(job.state), job.logits))
             self._sample(job)
 
     def _decode(self, jobs: list) -> None:
         self.decode_steps += 1
         self.decode_rows += len(jobs)
-        if self._ops is None:
+        if self._runner is None:
             for job in jobs:
                 logits, job.state = self.model.step(job.state, np.asarray([[job.pending]], dtype=np.int64))
                 self._advance(job, logits[0, -1])
             return
         if self._group is None or self._group[0] != jobs:
             self._split_group()
-            stacked = {k: self._ops.concat([j.state[k] for j in jobs], 0) for k in jobs[0].state}
+            stacked = self._runner.stack([j.state for j in jobs])
             for job in jobs:
                 job.state = None
             self._group = (list(jobs), stacked)
@@ -219,9 +221,8 @@ class Engine:
             return
         members, state = self._group
         self._group = None
-        for i, job in enumerate(members):
-            row = self._ops.asarray(np.asarray([i], dtype=np.int64), "int")
-            job.state = {k: self._ops.take(v, row, 0) for k, v in state.items()}
+        for job, row in zip(members, self._runner.split(state)):
+            job.state = row
 
     def _advance(self, job: Job, logits) -> None:
         job.tokens.append(job.pending)

@@ -22,7 +22,6 @@ import uvicorn
 
 import dsv4
 from dsv4.portable.encoding import from_anthropic, from_openai
-from dsv4.portable.reference import NumpyOps
 
 API_KEY = "test-key-" + "".join(random.choices("abcdef0123456789", k=12))
 WORDS = ("river", "lamp", "orbit", "violet", "cedar", "pixel", "harbor", "maple", "quartz", "ember",
@@ -55,6 +54,18 @@ def live(app):
         sock.close()
 
 
+class PositionRunner:
+    """Stacks and splits position-only states the way a real runner does for batched decode."""
+
+    @staticmethod
+    def stack(states):
+        return {"start": np.concatenate([s["start"] for s in states])}
+
+    @staticmethod
+    def split(state):
+        return [{"start": state["start"][i:i + 1].copy()} for i in range(len(state["start"]))]
+
+
 class ScriptedModel:
     """Model stand-in: the state is only the positions; `script[pos] = id` makes the logits predicting
     position `pos` favour `id` by a wide margin (other positions get random logits)."""
@@ -62,13 +73,16 @@ class ScriptedModel:
     def __init__(self, tokenizer, context: int = 2048, delay: float = 0.0):
         self.tokenizer, self.context, self.delay = tokenizer, context, delay
         self.config = SimpleNamespace(encoding="dsv4-2604", eos_token_id=tokenizer.eos_id)
-        self.runner = SimpleNamespace(ops=NumpyOps("float32"))
+        self.runner = PositionRunner()
         self.vocab = tokenizer.vocab_size
         self.script: dict = {}
         self._rng = np.random.default_rng()
 
     def new_state(self, batch: int = 1):
         return {"start": np.zeros(batch, dtype=np.int64)}
+
+    def fork_state(self, state):
+        return {"start": state["start"].copy()}
 
     def step(self, state, ids):
         ids = np.asarray(ids)
