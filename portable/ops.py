@@ -341,12 +341,14 @@ class Ops:
         (ties → the earlier row).  Returns one index array [B,S,k] per segment: the picks that fall in that
         segment, −1 elsewhere and where fewer than k rows are visible."""
         b, s, nh, c = qi.shape
-        qh, wh = self.hp(qi), self.reshape(self.hp(w), list(w.shape) + [1])
+        qh, wh = self.hp(qi), self.reshape(self.hp(w), [b * s, 1, nh])
         scores = []
         for keys, count in segments:
             n = keys.shape[1]
-            sc = self.matmul(qh, self.reshape(self.transpose(self.hp(keys), (0, 2, 1)), [b, 1, c, n]))
-            score = self.sum(self.relu(sc) * wh, 2)                                          # [B,S,N]
+            # one GEMM over all (query, head) rows, then the head-weighted sum as a batched [1,nh]·[nh,N]
+            sc = self.matmul(self.reshape(qh, [b, s * nh, c]), self.transpose(self.hp(keys), (0, 2, 1)))
+            sc = self.reshape(self.relu(sc), [b * s, nh, n])
+            score = self.reshape(self.matmul(wh, sc), [b, s, n])                          # [B,S,N]
             j = self.reshape(self.arange(n), [1, 1, n])
             scores.append(self.where(j < self.reshape(count, [b, s, 1]), score, NEG_INF))
         allsc = self.concat(scores, -1) if len(scores) > 1 else scores[0]
