@@ -1,9 +1,11 @@
 """dsv4: a portable inference runtime for DeepSeek V4.
 
 Public API (stable; see README):
-    model = dsv4.load(path_or_preset, backend="reference", dtype="float32", emulate=False, context=None)
+    model = dsv4.load(path_or_preset, backend="reference", dtype="float32", emulate=False, context=None,
+                      state_format=None)
     model.forward(ids)          -> float32 logits for every position, from a fresh state
-    model.step(state, ids)      -> (logits, state) for incremental use; model.new_state(batch)
+    model.step(state, ids)      -> (logits, state): updates `state` in place; model.new_state(batch)
+    model.fork_state(state), model.state_info(state) -> {"tokens", "capacity", "bytes"}
     model.generate(ids, ...) / model.stream(ids, ...)
     model.config, model.tokenizer
 """

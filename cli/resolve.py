@@ -29,7 +29,7 @@ from rich.console import Console
 
 from ..portable import cache
 from ..portable.config import PRESETS, ModelConfig
-from ..portable.runtime import BackendError, backend_names, get_backend
+from ..portable.runtime import BackendError, backend_names, default_state_format, get_backend
 from .errors import EXIT_BACKEND, EXIT_MEMORY, EXIT_MODEL, EXIT_USAGE, CliError, as_cli_error
 from .progress import progress_bar
 
@@ -189,12 +189,13 @@ def _plain_and_dense_elements(cfg: ModelConfig) -> tuple[int, int]:
     return plain, dense
 
 
-def state_buffer_bytes(cfg: ModelConfig, context: int, dtype: str) -> int:
-    """Bytes of the runtime state for one sequence of capacity `context` (all fixed-size buffers)."""
+def state_buffer_bytes(cfg: ModelConfig, context: int, dtype: str, fmt: str = "bf16") -> int:
+    """Bytes of one sequence's state once it holds `context` tokens (states grow with the text; this is
+    the most a sequence can reach, which is what a memory check must allow for)."""
     act = _ITEMSIZE[dtype]
     hp = 8 if dtype == "float64" else 4
-    size = {"act": act, "hp": hp, "int": 8}
-    return sum(math.prod(b.shape) * size[b.kind] for b in cache.state_spec(cfg, 1, context))
+    size = {"act": act, "hp": hp, "int": 8, "u8": 1}
+    return sum(math.prod(b.shape) * size[b.kind] for b in cache.state_spec(cfg, 1, context, fmt))
 
 
 def estimate_memory(cfg: ModelConfig, path: Path | None, backend: str, dtype: str, context: int,
@@ -216,7 +217,8 @@ def estimate_memory(cfg: ModelConfig, path: Path | None, backend: str, dtype: st
     else:
         weights = stored + plain * item
     work = prefill_chunk * (cfg.vocab_size + 32 * cfg.hidden_size * cfg.hc_mult) * 4 + (300 << 20)
-    return MemoryEstimate(weights, state_buffer_bytes(cfg, context, dtype), work)
+    fmt = default_state_format(backend, dtype)
+    return MemoryEstimate(weights, state_buffer_bytes(cfg, context, dtype, fmt), work)
 
 
 def parse_bytes(text: str) -> int:
