@@ -46,7 +46,8 @@ def test_future_tokens_never_leak(tiny_any, rand_ids):
         other[t:] = rand_ids(300 - t, seed=100 + t)
         other[t] = (ids[t] + 1) % 1024 or 3
         got = model.forward(other, full_precision=True)
-        np.testing.assert_array_equal(got[:t], base[:t], err_msg=f"cut at {t}")
+        # a leak moves logits by ≳1e-3; BLAS may round row subsets differently by ~1e-14 (MoE rows)
+        np.testing.assert_allclose(got[:t], base[:t], rtol=0, atol=1e-9, err_msg=f"cut at {t}")
         assert np.abs(got[t] - base[t]).max() > 1e-3, f"token {t} had no effect on its own position"
 
 
