@@ -3,9 +3,9 @@
     python examples/onnx_plain.py EXPORT_DIR "prompt text" [--max-new 32]
     python examples/onnx_plain.py EXPORT_DIR --ids 5,17,300 [--max-new 32]
 
-Everything the loop needs is in manifest.json: the state buffers (shape, dtype, initial fill) and the
-graph's input/output names.  The contract is "state in, updated state out", the same for the whole
-prompt and for each generated token, so this loop is all another app needs to use an export.
+manifest.json names the graph's inputs/outputs and the state buffers (shape, dtype, which grow with the
+capacity).  A step returns only the rows it wrote, which the loop writes into its buffers in place; before
+a step would overflow the capacity, the growing buffers are re-allocated larger, keeping the rows held.
 """
 import argparse
 import json
@@ -15,21 +15,37 @@ import numpy as np
 import onnxruntime as ort
 
 
+def fresh(g, cap, old=None):
+    """Zero buffers for capacity `cap`; with `old`, its rows kept (except each growing buffer's spill row)."""
+    st = {}
+    for e in g["state"]:
+        shape = [1 if d == "batch" else cap // e["grows"] + 1 if isinstance(d, str) else d for d in e["shape"]]
+        st[e["name"]] = old[e["name"]] if old and not e["grows"] else np.zeros(shape, e["dtype"])
+        if old and e["grows"]:
+            st[e["name"]][:, :old[e["name"]].shape[1] - 1] = old[e["name"]][:, :-1]
+    return st
+
+
 def greedy(export_dir, prompt_ids, max_new, eos=None):
     d = Path(export_dir)
     man = json.loads((d / "manifest.json").read_text())
-    g = man["graphs"]["main"]
+    g, cap, mult = man["graphs"]["main"], man["capacity"]["min"], man["capacity"]["multiple"]
     if len(prompt_ids) + max_new > man["max_len"]:
         raise SystemExit(f"prompt + {max_new} new tokens exceed the exported context of {man['max_len']}")
     sess = ort.InferenceSession(str(d / g["file"]), providers=["CPUExecutionProvider"])
-    state = {e["input"]: np.full([1 if s == "batch" else s for s in e["shape"]], float(e["fill"]), e["dtype"])
-             for e in g["state"]}
-    names = [g["outputs"]["logits"]] + [e["output"] for e in g["state"]]
-    ids, out = np.asarray([prompt_ids], dtype=np.int64), []
+    names = [o.name for o in sess.get_outputs()]
+    state, ids, out = fresh(g, cap), np.asarray([prompt_ids], dtype=np.int64), []
     for _ in range(max_new):
-        logits, *new = sess.run(names, {g["inputs"]["ids"]: ids, **state})
-        state = {e["input"]: v for e, v in zip(g["state"], new)}
-        out.append(int(np.argmax(logits[0, -1])))
+        if (need := int(state["start"].max()) + ids.shape[1]) > cap:      # grow (capacity: a multiple of mult)
+            state = fresh(g, (cap := max(2 * cap, -(-need // mult) * mult)), state)
+        res = dict(zip(names, sess.run(names, {g["inputs"]["ids"]: ids,
+                                               **{e["input"]: state[e["name"]] for e in g["state"]}})))
+        for e in g["state"]:                                              # write the new rows in place
+            if "output" in e:
+                state[e["name"]] = res[e["output"]]
+            else:
+                state[e["name"]][np.arange(ids.shape[0])[:, None], res[e["index"]]] = res[e["rows"]]
+        out.append(int(np.argmax(res[g["outputs"]["logits"]][0, -1])))
         if out[-1] == eos:
             break
         ids = np.asarray([[out[-1]]], dtype=np.int64)

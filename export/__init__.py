@@ -4,10 +4,12 @@ Design (why a recording `Ops` rather than torch.onnx over the CUDA backend): `ex
 implements the op interface by appending standard ONNX nodes, and `portable/graph.py` is run once on
 symbolic tensors (`export.symbolic`).  The exported graph is therefore the portable graph itself —
 window + CSA top-k + HCA + sink attention exactly as the reference computes them — with no second
-description to drift, and exporting needs only `onnx` (no torch, no GPU).  Batch and sequence length
-stay dynamic because sizes derived from them are tracked as symbolic `Dim`s; the state capacity
-(context) is fixed at export.  Weights stream into one external-data file (`export.weights`), so
-models far beyond protobuf's 2 GB limit export in bounded memory.
+description to drift, and exporting needs only `onnx` (no torch, no GPU).  Batch, sequence length and
+the state capacity stay dynamic because sizes derived from them are tracked as symbolic `Dim`s, so one
+export serves every capacity bucket up to its context.  A step outputs only the state rows it wrote
+(and their row indices), which the runtime writes into its buffers in place.  Weights stream into one
+external-data file (`export.weights`), so models far beyond protobuf's 2 GB limit export in bounded
+memory.
 
 Entry points: `export_onnx(src_dir, out_dir, dtype=..., context=..., mtp=..., progress=...)` and
 `estimate_size(src_dir, dtype, mtp)`; `manifest` is the directory format the ONNX backend reads.

@@ -1,17 +1,30 @@
 """The `manifest.json` of an exported directory: what a runtime needs to drive the ONNX graphs.
 
 Why a manifest and not just the graphs' IO: the state buffers carry meaning a graph signature cannot
-(initial fill values such as −inf, which buffers are activations, how many tokens the state can hold),
-and a plain onnxruntime app (examples/onnx_plain.py) must be able to build a fresh state from it with
-nothing but json + numpy.  This module is the one piece of `export` the ONNX backend imports.
+(which buffers grow with the capacity and how, which outputs are the new rows of which buffer, which
+capacities the graphs accept), and a plain onnxruntime app (examples/onnx_plain.py) must be able to build,
+grow and update a state from it with nothing but json + numpy.  This module is the one piece of `export`
+the ONNX backend imports.
 
-Layout (format "dsv4-onnx", version 1):
-    dtype, opset, max_len          export dtype, ONNX opset, state capacity in tokens
+Layout (format "dsv4-onnx", version 2):
+    dtype, opset, max_len          export dtype, ONNX opset, longest sequence (context) in tokens
+    capacity                       {min, multiple}: the entry buffers may be sized for any capacity C that is
+                                   a multiple of `multiple` and at least `min` (tokens held ≤ C ≤ max_len
+                                   rounded up to `multiple`); the graph's shapes follow the buffers fed
     config                         the config.json written next to the model (max_position_embeddings = max_len)
     graphs.main / graphs.mtp       {file, inputs: {ids, streams?}, outputs: {logits, streams?}, state: [...]}
-    state entries                  {name, input, output, shape (first entry "batch"), dtype, fill}
+    state entries                  {name, input, shape, dtype, grows, then output | rows + index}:
+                                   shape has "batch" first; a buffer with grows = m > 0 has C // m + 1 rows
+                                   (axis 1, dynamic), the others a static shape.  A fresh state is all zeros.
+                                   `output` (only `start`) replaces the buffer; `rows` [batch, M, ...] and
+                                   `index` [batch, M] int64 are the step's new rows, which the caller writes
+                                   in place: buf[b, index[b, i]] = rows[b, i] (the last row is a spill row
+                                   that may be written more than once and is never read).
     data                           {file, bytes}: the shared external-data file and its exact size
     tokenizer                      files copied from the checkpoint
+
+Growing a state to a larger capacity keeps rows 0..R−2 of each growing buffer (R its old row count) and
+zero-fills the rest, spill row included.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FORMAT, VERSION = "dsv4-onnx", 1
+FORMAT, VERSION = "dsv4-onnx", 2
 MANIFEST = "manifest.json"
 
 
@@ -27,11 +40,30 @@ class ExportError(ValueError):
     """An export directory that cannot be used (or written) as asked; the message says what is wrong."""
 
 
-def state_entries(specs, batch_label: str = "batch") -> list[dict]:
-    """Manifest entries for `portable.cache` buffers, in state_spec order."""
-    return [{"name": b.name, "input": f"past.{b.name}", "output": f"present.{b.name}",
-             "shape": [batch_label, *b.shape[1:]], "dtype": "int64" if b.kind == "int" else "float32",
-             "fill": repr(float(b.fill)) if b.kind != "int" else "0"} for b in specs]
+def buffer_ratio(cfg, name: str) -> int:
+    """The compress ratio of the layer a state buffer belongs to (`L3.entries` → layer 3, `mtp.…` → the
+    MTP block); the rows of a growing buffer are capacity // ratio + 1."""
+    key = name.split(".")[0]
+    return cfg.ratio(cfg.num_hidden_layers if key == "mtp" else int(key[1:]))
+
+
+def state_entries(cfg, specs, batch_label: str = "batch") -> list[dict]:
+    """Manifest entries for `portable.cache` buffers (state_spec order; shapes past the batch axis are
+    taken from `specs` except the dynamic row axis of growing buffers)."""
+    out = []
+    for b in specs:
+        m = buffer_ratio(cfg, b.name) if b.grows else 0
+        shape = [batch_label, *b.shape[1:]]
+        if m:
+            shape[1] = f"capacity/{m}+1"
+        e = {"name": b.name, "input": f"past.{b.name}", "shape": shape,
+             "dtype": "int64" if b.kind == "int" else "float32", "grows": m}
+        if b.kind == "int":
+            e["output"] = f"present.{b.name}"
+        else:
+            e["rows"], e["index"] = f"present.{b.name}.rows", f"present.{b.name}.index"
+        out.append(e)
+    return out
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -51,7 +83,7 @@ def read_manifest(export_dir) -> dict:
     if m.get("format") != FORMAT or m.get("version") != VERSION:
         raise ExportError(f"{p}: format {m.get('format')!r} version {m.get('version')!r}; this dsv4 reads "
                           f"{FORMAT!r} version {VERSION} (re-export the model)")
-    for key in ("dtype", "max_len", "config", "graphs", "data"):
+    for key in ("dtype", "max_len", "capacity", "config", "graphs", "data"):
         if key not in m:
             raise ExportError(f"{p}: missing field {key!r} (re-export the model)")
     for name, graph in m["graphs"].items():

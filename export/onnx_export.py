@@ -1,11 +1,22 @@
 """Export a V4 checkpoint to ONNX: the portable graph recorded by `OnnxOps`, weights as external data.
 
-One graph serves prefill and decode: `input_ids` [batch, seq] with both sizes dynamic, the state buffers
-of `portable/cache.py` as inputs (`past.*`, in `state_spec` order; `past.start` holds each sequence's
-position) and as outputs (`present.*`), plus `logits` [batch, seq, vocab] in float32.  The state
-capacity (max_len) is fixed at export because buffer shapes and the indexer's top-k width derive from
-it.  With MTP, the main graph also returns `hidden_streams` and `mtp.onnx` takes them with the next
-token ids and its own state.  Only standard-domain operators of opset 21 are emitted.
+One graph serves prefill and decode at every state capacity: `input_ids` [batch, seq] with both sizes
+dynamic, the state buffers of `portable/cache.py` as inputs (`past.*`, in `state_spec` order; `past.start`
+holds each sequence's position), and as outputs only what the step wrote: `present.start`, and per
+buffer its new rows `present.<name>.rows` [batch, M, ...] with their row indices `present.<name>.index`
+[batch, M] (M = seq for the rings, ⌈seq/m⌉ for compressed entries), which the runtime writes into its
+buffers in place.  A decode step's state traffic is therefore O(1) rows, whatever the capacity.
+
+The entry buffers' row count is a dynamic axis: capacity C (a multiple of MIN_CAPACITY) gives C // m + 1
+rows for a ratio-m layer, so the runtime grows a state through the capacity buckets with one export.
+The graph reads C from the first growing buffer's shape.  The indexer's top-k width is index_topk at
+every capacity (`OnnxOps.indexer_topk` pads the candidates so TopK always has that many columns).
+Attention and the indexer read only the entry rows some query sees (`OnnxOps.trim`), so their cost
+follows the tokens held, not C.
+
+`logits` are [batch, seq, vocab] float32.  With MTP, the main graph also returns `hidden_streams` and
+`mtp.onnx` takes them with the next token ids and its own state.  Only standard-domain operators of
+opset 21 are emitted.
 """
 
 from __future__ import annotations
@@ -20,16 +31,28 @@ from ..portable import cache, graph
 from ..portable.checkpoint import Checkpoint
 from ..portable.config import ModelConfig
 from .manifest import MANIFEST, ExportError, state_entries, write_manifest
-from .onnx_ops import OnnxOps
-from .symbolic import FLOAT, INT64, Graph, Sym
+from .onnx_ops import OnnxOps, RowWrite
+from .symbolic import FLOAT, INT64, Graph, Sym, TraceError
 from .weights import STORAGE, ExportWeights, ExternalData, TensorSource
 
 OPSET = 21
 DATA_FILE = "model.onnx.data"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+CAPACITY_MULTIPLE = cache.MIN_CAPACITY        # every capacity bucket is a multiple of it (and of every ratio)
 
 
-def _record(cfg: ModelConfig, data: ExternalData, dtype: str, max_len: int, mtp: bool, streams_out: bool):
+def _capacity(g: Graph, cfg: ModelConfig, entries: list):
+    """The state capacity as a Dim read from the first growing buffer's rows (C // m + 1); a graph without
+    growing buffers (the MTP block) never uses it."""
+    first = next((e for e in entries if e["grows"]), None)
+    if first is None:
+        return CAPACITY_MULTIPLE
+    rows = g.dim_of(Sym(g, first["input"], (), FLOAT), 1)
+    blocks = g.atom("FloorDiv", (rows - 1) * first["grows"], CAPACITY_MULTIPLE)      # C / CAPACITY_MULTIPLE
+    return blocks * CAPACITY_MULTIPLE
+
+
+def _record(cfg: ModelConfig, data: ExternalData, dtype: str, mtp: bool, streams_out: bool):
     """Record the main forward (mtp=False) or the MTP block; returns (ModelProto, IO description)."""
     g = Graph("dsv4_mtp" if mtp else "dsv4_main")
     o, W = OnnxOps(g, dtype), ExportWeights(g, data)
@@ -39,22 +62,32 @@ def _record(cfg: ModelConfig, data: ExternalData, dtype: str, max_len: int, mtp:
     b, s = g.dim_of(ids, 0), g.dim_of(ids, 1)
     ids.shape = (b, s)
     io = {"inputs": {"ids": "input_ids"}, "outputs": {"logits": "logits"}}
-    specs = (cache.mtp_state_spec if mtp else cache.state_spec)(cfg, 1, max_len)
-    entries = state_entries(specs)
-    state = {}
-    for spec, e in zip(specs, entries):
-        t = INT64 if spec.kind == "int" else FLOAT
+    spec_of = cache.mtp_state_spec if mtp else cache.state_spec
+    entries = state_entries(cfg, spec_of(cfg, 1, CAPACITY_MULTIPLE))
+    types = [INT64 if e["dtype"] == "int64" else FLOAT for e in entries]
+    for e, t in zip(entries, types):
         g.add_input(e["input"], t, e["shape"])
-        state[spec.name] = Sym(g, e["input"], (b, *spec.shape[1:]), t)
+    capacity = _capacity(g, cfg, entries)
+    specs = spec_of(cfg, b, capacity)                       # shapes in Dims: (b, C // m + 1, ...) where they grow
+    bufs = {sp.name: Sym(g, e["input"], sp.shape, t) for sp, e, t in zip(specs, entries, types)}
+    state = cache.State(cfg, specs, bufs, capacity, "bf16", mtp)
     if mtp:
         g.add_input("hidden_streams", FLOAT, ["batch", "seq", hc, dim])
         io["inputs"]["streams"] = "hidden_streams"
-        logits, new = graph.mtp_forward(o, W, cfg, state, Sym(g, "hidden_streams", (b, s, hc, dim), FLOAT), ids)
+        logits = graph.mtp_forward(o, W, cfg, state, Sym(g, "hidden_streams", (b, s, hc, dim), FLOAT), ids)
     else:
-        logits, new, streams = graph.forward(o, W, cfg, state, ids)
+        logits, streams = graph.forward(o, W, cfg, state, ids)
     g.add_output("logits", logits, ["batch", "seq", cfg.vocab_size])
     for e in entries:
-        g.add_output(e["output"], new[e["name"]], e["shape"])
+        new = state.buffers[e["name"]]
+        if "output" in e:
+            g.add_output(e["output"], new, e["shape"])
+            continue
+        if not isinstance(new, RowWrite):
+            raise TraceError(f"the step did not write state buffer {e['name']!r}")
+        m = f"ceil(seq/{e['grows']})" if e["grows"] else "seq"
+        g.add_output(e["rows"], new.rows, ["batch", m, *e["shape"][2:]])
+        g.add_output(e["index"], new.index, ["batch", m])
     if streams_out:
         g.add_output("hidden_streams", streams, ["batch", "seq", hc, dim])
         io["outputs"]["streams"] = "hidden_streams"
@@ -76,7 +109,8 @@ def export_onnx(src_dir, out_dir, dtype: str = "float32", context: int | None = 
                 progress=None, overwrite: bool = False, check: bool = True) -> Path:
     """Export the checkpoint at `src_dir` into `out_dir`; returns `out_dir`.
 
-    context: the state capacity in tokens (default min(max_position_embeddings, 16384), as `dsv4.load`).
+    context: the longest sequence in tokens (default min(max_position_embeddings, 16384), as `dsv4.load`);
+        states grow with the tokens held up to it, one graph for every capacity.
     mtp: also export the MTP block as `mtp.onnx` (when the checkpoint has one).
     progress: called as progress(bytes_written, bytes_total) while weights are written.
     """
@@ -101,7 +135,7 @@ def export_onnx(src_dir, out_dir, dtype: str = "float32", context: int | None = 
     graphs = {}
     try:
         for name, file, is_mtp in [("main", "model.onnx", False)] + ([("mtp", "mtp.onnx", True)] if mtp else []):
-            model, io = _record(cfg, data, dtype, max_len, is_mtp, streams_out=mtp and not is_mtp)
+            model, io = _record(cfg, data, dtype, is_mtp, streams_out=mtp and not is_mtp)
             (out / file).write_bytes(model.SerializeToString())
             graphs[name] = {"file": file, **io}
     finally:
@@ -113,7 +147,8 @@ def export_onnx(src_dir, out_dir, dtype: str = "float32", context: int | None = 
     tokenizer = [f for f in TOKENIZER_FILES if (src / f).exists()]
     for f in tokenizer:
         shutil.copy(src / f, out / f)
-    write_manifest(out, {"dtype": dtype, "opset": OPSET, "max_len": max_len, "config": cfg_dict,
+    write_manifest(out, {"dtype": dtype, "opset": OPSET, "max_len": max_len,
+                         "capacity": {"min": CAPACITY_MULTIPLE, "multiple": CAPACITY_MULTIPLE}, "config": cfg_dict,
                          "graphs": graphs, "data": {"file": DATA_FILE, "bytes": data.offset},
                          "tokenizer": tokenizer})
     if check:

@@ -2,16 +2,19 @@
 
 The composites of `portable/ops.py` (rms_norm, rope, mHC, sink attention, indexer top-k, compressor
 pooling, experts) are inherited unchanged, so the exported graph is the portable decomposition itself.
-Two are specialised, both exact rewrites of the default:
+Three are specialised, all exact rewrites of the default:
 * `linear` multiplies by a weight stored transposed (see `weights.py`), avoiding a Transpose node.
 * `moe` routes sparsely: each expert runs only on the tokens routed to it (NonZero + Gather, then
   ScatterND-add back), instead of the default dense loop that runs every expert on every token.  Per
   token this is the same sum of the same expert outputs; with E = 256 experts and a one-token decode
   step it is the difference between 256 and 6 expert evaluations.
+* `indexer_topk` appends k never-visible rows, because `trim` makes the stored keys a run-time number of
+  rows (those visible) that may be fewer than the k columns ONNX TopK needs.
 
-`scatter_rows` is a ScatterND whose masked writes may repeat one index (the state's spare last row, see
-portable/cache.py).  The spare row is never read, so which duplicate write lands there cannot change
-any result; onnxruntime's CPU kernel applies them in order, like NumPy, so even that row matches.
+State writes are not ops: `write_rows` returns a `RowWrite` record of (buffer, row indices, rows), and the
+exporter makes the indices and rows graph outputs (`present.<name>.index` / `.rows`), which the runtime
+writes into its own buffers in place.  A step's outputs are thus its new rows, never a copy of a state
+buffer, and the graph never reads a buffer after writing it (a `RowWrite` cannot be an op input).
 """
 
 from __future__ import annotations
@@ -28,6 +31,22 @@ from .weights import Weight
 _KIND = {"float": FLOAT, "int": INT64, "bool": BOOL}
 _NP = {"float": np.float32, "int": np.int64, "bool": np.bool_}
 ACT_TYPES = {"float32": None, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+
+
+class RowWrite(Sym):
+    """The new rows of one state buffer (`rows` [B,M,...] at row indices `index` [B,M]) in place of the
+    updated buffer; using it as an op input raises, which is the graph's "no read after write" rule."""
+
+    __slots__ = ("past", "index", "rows")
+
+    def __init__(self, buf: Sym, index: Sym, rows: Sym):
+        super().__init__(buf.g, None, buf.shape, buf.dtype)
+        self.past, self.index, self.rows = buf.name, index, rows
+
+    @property
+    def name(self) -> str:
+        raise TraceError(f"state buffer {self.past!r} was read after write_rows wrote it; the graph must "
+                         f"read every buffer before writing its new rows")
 
 
 class OnnxOps(Ops):
@@ -114,7 +133,7 @@ class OnnxOps(Ops):
         out = list(shape)
         if holes:
             out[holes[0]] = self._infer_hole(x.shape, [d for i, d in enumerate(shape) if i != holes[0]])
-        y = self.g.op("Reshape", [x, self.g.vec(shape)], out, x.dtype)
+        y = self.g.op("Reshape", [x, self.g.vec(shape)], out, x.dtype, allowzero=1)   # sizes may be 0 (trim)
         if holes and out[holes[0]] is None:
             y.shape = tuple(self.g.dim_of(y, i) if d is None else d for i, d in enumerate(out))
         return y
@@ -173,11 +192,21 @@ class OnnxOps(Ops):
     def gather_rows(self, x, idx):
         return self.g.op("GatherND", [x, self._unsqueeze_last(idx)], idx.shape + x.shape[2:], x.dtype, batch_dims=1)
 
-    def scatter_rows(self, buf, idx, rows):
-        b, m = idx.shape
-        bi = self.broadcast_to(self.reshape(self.arange(b), [b, 1, 1]), [b, m, 1])
-        ind = self.concat([bi, self._unsqueeze_last(idx)], -1)
-        return self.g.op("ScatterND", [buf, ind, rows], buf.shape, buf.dtype)
+    def write_rows(self, buf, idx, rows):
+        if isinstance(buf, RowWrite):
+            raise TraceError(f"state buffer {buf.past!r} is written twice in one step")
+        if rows.dtype != buf.dtype:
+            raise TraceError(f"rows of {rows.dtype} written into a state buffer of {buf.dtype}")
+        return RowWrite(buf, idx, rows)
+
+    def trim(self, buf, count):
+        """Rows 0..max(count)−1 of a state buffer (a Slice with a run-time end), so attention and the
+        indexer cost the entries some query sees, not the capacity the buffer was sized for."""
+        g = self.g
+        end = g.op("ReduceMax", [self.reshape(count, [-1])], (1,), INT64, keepdims=1)
+        y = g.op("Slice", [buf, g.vec([0]), end, g.vec([1])], buf.shape, buf.dtype)
+        y.shape = (buf.shape[0], g.dim_of(y, 1)) + tuple(buf.shape[2:])
+        return y
 
     def topk(self, x, k):
         kk = self.g.const(np.asarray([k], dtype=np.int64))
@@ -188,6 +217,13 @@ class OnnxOps(Ops):
         return w
 
     # ------------------------------------------------------------------ specialised composites
+    def indexer_topk(self, qi, w, segments, k):
+        """The default, with k never-visible rows appended: trimmed key segments may hold fewer than k rows
+        at run time, and ONNX TopK needs k columns.  Padding rows score −inf, so they are never picked."""
+        b, s = qi.shape[:2]
+        pad = (self.zeros((b, k, qi.shape[3])), self.zeros((b, s), "int"))
+        return super().indexer_topk(qi, w, list(segments) + [pad], k)[:-1]
+
     def linear(self, x, w):
         if isinstance(w, Weight) and w.ndim == 2:
             return self.matmul(x, w.transposed())

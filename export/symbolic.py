@@ -6,14 +6,14 @@ append ONNX nodes instead of computing yields an ONNX graph that *is* the portab
 with no second description of V4 to keep in sync (a torch.onnx export would instead trace the CUDA
 backend, whose kernels are a second description, and would drag torch into every export).
 
-Dynamic batch and sequence length: the graph reads shapes (`b, s = ids.shape`) and does integer
-arithmetic on them (`s * k`, `(s + m - 1) // m`, `keys[:, s:]`).  A `Dim` is such an integer known only
-at run time, kept as a linear form Σ coeff·atom + const over runtime atoms (the input's batch and
-sequence sizes, and opaque results such as `(s + 3) // 4`).  Linear forms simplify the way the graph
-needs — `(W + s) − s` is the static `W` again, so the window state keeps its static shape — and a form
-is lowered to a handful of int64 scalar nodes only where a value is needed (a Reshape target, a Range,
-a Slice start).  A Python `if` on a `Dim` or a `Sym` raises, which is how a non-traceable graph edit
-would be caught at export time.
+Dynamic batch, sequence length and state capacity: the graph reads shapes (`b, s = ids.shape`) and does
+integer arithmetic on them (`s * k`, `(s + m - 1) // m`, `keys[:, s:]`, `capacity // m`).  A `Dim` is such
+an integer known only at run time, kept as a linear form Σ coeff·atom + const over runtime atoms (the
+input's batch and sequence sizes, the capacity, and opaque results such as `(s + 3) // 4`).  Linear
+forms simplify the way the graph needs — `(W + s) − s` is the static `W` again, so the window state keeps
+its static shape — and a form is lowered to a handful of int64 scalar nodes only where a value is needed
+(a Reshape target, a Range, a Slice start).  A Python `if` on a `Dim` or a `Sym` raises, which is how a
+non-traceable graph edit would be caught at export time.
 """
 
 from __future__ import annotations

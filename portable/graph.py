@@ -180,8 +180,8 @@ def attention(o: Ops, cfg: ModelConfig, W, layer: int, p: str, x, ls, start, pos
             qi = o.reshape(o.linear(qr, W[p + "indexer.wq_b.weight"]), [b, s, nh, ic])
             qi = iround(_rope(o, qi, t))
             wts = o.linear(x, W[p + "indexer.weights_proj.weight"]) * (ic ** -0.5 * nh ** -0.5)
-            k = min(cfg.index_topk, rows)
-            sel_old, sel_new = o.indexer_topk(qi, wts, [(ls.index_keys.prefix(o, n_old), n_old), (idx.e, n_new)], k)
+            sel_old, sel_new = o.indexer_topk(qi, wts, [(ls.index_keys.prefix(o, n_old), n_old), (idx.e, n_new)],
+                                              cfg.index_topk)                 # narrowed to the rows it has
             kk = sel_old.shape[-1]
             picked = o.reshape(ls.entries.rows(o, o.reshape(sel_old, [b, s * kk])), [b, s, kk, d])
             segs += [Segment.per_query(picked, sel_old >= 0), Segment.gather(main.e, sel_new)]

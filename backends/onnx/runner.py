@@ -1,9 +1,14 @@
 """An onnxruntime session behind the runner interface of `portable/runtime.py`.
 
 Why a runner of its own instead of `GraphRunner` over an `Ops`: the exported graph already is the whole
-step, so a step is one `session.run` feeding the state buffers by the names the manifest gives and
-reading the updated ones back.  State is a dict of NumPy arrays keyed like the reference backend's
-(`start`, `L0.win`, ...), so states compare directly across backends.
+step, so a step is one `session.run` feeding the state buffers by the names the manifest gives.  The
+graph returns only the rows the step wrote (`present.<name>.rows` at `present.<name>.index`), and the
+runner writes them into its buffers in place, so a decode step moves O(1) rows of state, not the state.
+
+The state is a `cache.State` over float32/int64 NumPy buffers (`NumpyOps` storage, names as in
+`state_spec`), so states compare directly with the reference backend's and fork, grow (`State.reserve`
+through the capacity buckets), stack and split the same way.
+Entries are stored as computed ("bf16" format); the deploy format is refused at load.
 
 Everything that can be wrong with an export directory is checked before onnxruntime sees it (missing
 manifest, graph or weight data, a data file of the wrong size, a config.json that differs from the
@@ -20,6 +25,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ...export.manifest import ExportError, check_config, read_manifest
+from ...portable import cache
+from ...portable.reference import NumpyOps
 
 _PREFERRED = ("CUDAExecutionProvider", "CoreMLExecutionProvider")
 
@@ -36,6 +43,9 @@ class OnnxRunner:
         self.manifest = m = read_manifest(self.dir)
         check_config(m, json.loads(json.dumps(cfg.to_dict())), self.dir)
         self.max_len = m["max_len"]
+        self.min_capacity, self.capacity_multiple = m["capacity"]["min"], m["capacity"]["multiple"]
+        self.limit: int | None = None          # the model's context (set by `Model`)
+        self.ops = NumpyOps("float32")         # state storage: float32 / int64 buffers, written in place
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -51,61 +61,87 @@ class OnnxRunner:
                               f"model with this dsv4 version") from None
 
     # ------------------------------------------------------------------ state
-    def _fresh(self, graph: str, batch: int, max_len: int) -> dict:
-        if max_len > self.max_len:
+    def _limit(self) -> int:
+        """The largest capacity: the context, rounded up to the capacities the graphs accept."""
+        k = self.capacity_multiple
+        return -(-(self.limit or self.max_len) // k) * k
+
+    def _new(self, batch: int, capacity: int, mtp: bool) -> cache.State:
+        if capacity > self.max_len:
             raise ExportError(f"{self.dir} was exported with a context of {self.max_len} tokens; "
-                              f"{max_len} were asked (load with context≤{self.max_len} or re-export)")
-        st = {}
-        for e in self._graphs[graph]["state"]:
-            shape = [batch if d == "batch" else d for d in e["shape"]]
-            st[e["name"]] = np.full(shape, float(e["fill"]), dtype=e["dtype"])
-        return st
+                              f"{capacity} were asked (load with context≤{self.max_len} or re-export)")
+        cap = max(self.min_capacity, cache.capacity_for(capacity, self._limit()))
+        return cache.State.new(self.ops, self.cfg, batch, cap, "bf16", mtp=mtp)
 
-    def new_state(self, batch: int, max_len: int) -> dict:
-        return self._fresh("main", batch, max_len)
+    def new_state(self, batch: int, capacity: int = 0) -> cache.State:
+        return self._new(batch, capacity, mtp=False)
 
-    def new_mtp_state(self, batch: int, max_len: int) -> dict:
+    def new_mtp_state(self, batch: int, capacity: int = 0) -> cache.State:
         if "mtp" not in self._graphs:
             raise ExportError(f"{self.dir} was exported without the MTP block (export with mtp=True)")
-        return self._fresh("mtp", batch, max_len)
+        return self._new(batch, capacity, mtp=True)
+
+    def reserve(self, state: cache.State, n: int) -> None:
+        """Grow `state` so n more tokens fit (a copy of the rows held, only at a bucket boundary)."""
+        state.reserve(self.ops, self.position(state) + n, self._limit())
 
     # ------------------------------------------------------------------ steps
-    def _run(self, graph: str, state: dict, feeds: dict):
+    def _run(self, graph: str, state: cache.State, feeds: dict) -> dict:
+        """One session run; the step's new rows are written into `state`'s buffers in place."""
         g = self._graphs[graph]
         feed = {g["inputs"][k]: v for k, v in feeds.items()}
+        names = list(g["outputs"].values())
         for e in g["state"]:
-            feed[e["input"]] = state[e["name"]]
-        names = [g["outputs"]["logits"]] + [e["output"] for e in g["state"]]
-        if "streams" in g["outputs"]:
-            names.append(g["outputs"]["streams"])
-        outs = self._sessions[graph].run(names, feed)
-        new = {e["name"]: v for e, v in zip(g["state"], outs[1:])}
-        return outs[0], new, (outs[-1] if "streams" in g["outputs"] else None)
+            feed[e["input"]] = state.buffers[e["name"]]
+            names += [e["output"]] if "output" in e else [e["rows"], e["index"]]
+        out = dict(zip(names, self._sessions[graph].run(names, feed)))
+        for e in g["state"]:
+            if "output" in e:
+                state.buffers[e["name"]] = out[e["output"]]
+            else:
+                self.ops.write_rows(state.buffers[e["name"]], out[e["index"]], out[e["rows"]])
+        return {k: out[v] for k, v in g["outputs"].items()}
 
-    def step(self, state: dict, ids: np.ndarray):
-        return self._run("main", state, {"ids": np.ascontiguousarray(ids, dtype=np.int64)})
+    def step(self, state: cache.State, ids: np.ndarray):
+        self.reserve(state, ids.shape[1])
+        out = self._run("main", state, {"ids": np.ascontiguousarray(ids, dtype=np.int64)})
+        return out["logits"], out.get("streams")
 
-    def mtp_step(self, state: dict, streams, ids_next: np.ndarray):
+    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray):
         if "mtp" not in self._graphs:
             raise ExportError(f"{self.dir} was exported without the MTP block (export with mtp=True)")
         if streams is None:
             raise ExportError("the main graph returned no hidden streams; this export has no MTP block")
-        logits, new, _ = self._run("mtp", state, {"ids": np.ascontiguousarray(ids_next, dtype=np.int64),
-                                                  "streams": streams})
-        return logits, new
+        self.reserve(state, ids_next.shape[1])
+        return self._run("mtp", state, {"ids": np.ascontiguousarray(ids_next, dtype=np.int64),
+                                        "streams": streams})["logits"]
 
-    def position(self, state: dict) -> int:
+    def position(self, state: cache.State) -> int:
+        """Tokens already in `state` (the longest sequence of the batch)."""
         return int(np.max(state["start"]))
 
-    def state_to_numpy(self, state: dict) -> dict:
+    def fork(self, state: cache.State) -> cache.State:
+        return state.fork(self.ops)
+
+    def stack(self, states: list) -> cache.State:
+        return cache.stack(self.ops, states)
+
+    def split(self, state: cache.State) -> list:
+        return cache.split(self.ops, state)
+
+    def state_to_numpy(self, state: cache.State) -> dict:
         return {k: np.asarray(v) for k, v in state.items()}
 
 
-def make_runner(cfg, path, dtype: str = "float32", emulate: bool = False, providers=None, threads=None, **_):
+def make_runner(cfg, path, dtype: str = "float32", emulate: bool = False, state_format: str = "bf16",
+                providers=None, threads=None, **_):
     """Runner for an export directory `path` (what `dsv4.load(OUT, backend="onnx")` passes)."""
     if emulate:
         raise ExportError("ONNX exports run the plain numerics; the quantization-aware emulation "
                           "(emulate=True) is available on the reference backend only")
+    if state_format != "bf16":
+        raise ExportError(f"ONNX exports store compressed entries as computed (state_format='bf16'); "
+                          f"state_format={state_format!r} is not supported by the onnx backend")
     runner = OnnxRunner(cfg, path, providers=providers, threads=threads)
     exported = runner.manifest["dtype"]
     if dtype != exported:

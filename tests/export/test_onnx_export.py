@@ -7,8 +7,13 @@ import numpy as np
 import onnx
 import pytest
 
+import onnxruntime as ort
+
 import dsv4
 from dsv4.export import ExportError, estimate_size, export_onnx
+from dsv4.export.manifest import buffer_ratio
+from dsv4.export.onnx_ops import OnnxOps
+from dsv4.export.symbolic import FLOAT, Graph, Sym, TraceError
 from dsv4.portable.cache import mtp_state_spec, state_spec
 from dsv4.portable.config import ModelConfig
 
@@ -28,20 +33,52 @@ def test_graph_is_standard_opset_and_passes_checker(tiny_any, onnx_export):
         assert {n.domain for n in m.graph.node} <= {""}
 
 
-def test_io_follows_the_state_schema_with_dynamic_batch_and_seq(tiny_any, onnx_export):
+def test_io_follows_the_state_schema_with_dynamic_batch_seq_and_capacity(tiny_any, onnx_export):
     out = onnx_export(tiny_any, CONTEXT)
     cfg = ModelConfig.from_file(tiny_any)
     g = _graph(out / "model.onnx").graph
-    names = [b.name for b in state_spec(cfg, 1, CONTEXT)]
-    assert [i.name for i in g.input] == ["input_ids"] + [f"past.{n}" for n in names]
-    assert [o.name for o in g.output] == ["logits"] + [f"present.{n}" for n in names] + ["hidden_streams"]
-    ids_dims = [d.dim_param for d in g.input[0].type.tensor_type.shape.dim]
-    assert ids_dims == ["batch", "seq"]
-    win = next(i for i in g.input if i.name == "past.L0.win").type.tensor_type.shape.dim
-    assert win[0].dim_param == "batch" and win[1].dim_value == cfg.sliding_window
+    specs = state_spec(cfg, 1, CONTEXT)
+    assert [i.name for i in g.input] == ["input_ids"] + [f"past.{b.name}" for b in specs]
+    written = [[f"present.{b.name}"] if b.name == "start" else [f"present.{b.name}.rows", f"present.{b.name}.index"]
+               for b in specs]
+    assert [o.name for o in g.output] == ["logits"] + sum(written, []) + ["hidden_streams"]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
+    assert dims["input_ids"] == ["batch", "seq"]
+    assert dims["past.L0.window"] == ["batch", cfg.sliding_window + 1, cfg.head_dim]     # rings: static
+    for b in specs[1:]:                                                                  # entries: dynamic rows
+        rows = f"capacity/{buffer_ratio(cfg, b.name)}+1" if b.grows else b.shape[1]
+        assert dims[f"past.{b.name}"] == ["batch", rows, *b.shape[2:]], b.name
+    assert sum(b.grows for b in specs) >= 4
     mg = _graph(out / "mtp.onnx").graph
     mtp_names = [f"past.{b.name}" for b in mtp_state_spec(cfg, 1, CONTEXT)]
     assert [i.name for i in mg.input] == ["input_ids"] + mtp_names + ["hidden_streams"]
+
+
+def test_a_decode_step_outputs_only_its_new_rows(tiny_dir, onnx_export, rand_ids):
+    """The state outputs of a one-token step are one row (and index) per buffer, at any capacity: what a
+    step returns never grows with the state, while the inputs it reads do."""
+    out = onnx_export(tiny_dir, CONTEXT)
+    model = dsv4.load(out, backend="onnx", context=CONTEXT)
+    g = model.runner.manifest["graphs"]["main"]
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    shapes = {}
+    for capacity in (128, CONTEXT):
+        st = model.new_state() if capacity == 128 else model.runner.new_state(1, capacity)
+        assert st.capacity == capacity
+        model.step(st, rand_ids(37, seed=5)[None])
+        feed = {"input_ids": np.asarray([[7]]), **{e["input"]: st[e["name"]] for e in g["state"]}}
+        names = [o.name for o in sess.get_outputs()]
+        res = dict(zip(names, sess.run(None, feed)))
+        for e in g["state"]:
+            if "output" in e:
+                assert res[e["output"]].shape == (1,)
+                continue
+            rows, index = res[e["rows"]], res[e["index"]]
+            assert rows.shape == (1, 1) + st[e["name"]].shape[2:] and index.shape == (1, 1), e["name"]
+            assert 0 <= index.min() and index.max() < st[e["name"]].shape[1]
+        shapes[capacity] = {n: v.shape for n, v in res.items()}
+        assert st["L1.entries"].shape[1] == capacity // 4 + 1
+    assert shapes[128] == shapes[CONTEXT]
 
 
 def test_weights_are_external_and_the_graph_file_small(tiny_dir, onnx_export):
@@ -62,8 +99,12 @@ def test_manifest_config_and_tokenizer(tiny_dir, onnx_export):
     assert json.loads((out / "config.json").read_text()) == man["config"]
     assert man["config"]["max_position_embeddings"] == CONTEXT
     assert (out / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
-    fills = {e["name"]: float(e["fill"]) for e in man["graphs"]["main"]["state"]}
-    assert fills["L1.cgate"] == float("-inf") and fills["L1.comp"] == 0.0
+    assert man["capacity"] == {"min": 128, "multiple": 128}
+    state = {e["name"]: e for e in man["graphs"]["main"]["state"]}
+    assert state["start"]["output"] == "present.start" and state["start"]["grows"] == 0
+    assert state["L1.entries"]["grows"] == state["L1.index.keys"]["grows"] == 4
+    assert state["L2.entries"]["grows"] == 128 and state["L1.kv"]["grows"] == 0
+    assert state["L1.kv"]["rows"] == "present.L1.kv.rows" and state["L1.kv"]["index"] == "present.L1.kv.index"
 
 
 def test_size_estimate_and_progress(tiny_dir, tmp_path):
@@ -107,3 +148,19 @@ def test_refuses_bad_requests(tiny_dir, tmp_path):
     with pytest.raises(ExportError, match="context must be in"):
         export_onnx(tiny_dir, tmp_path / "b", context=10 ** 9)
     shutil.rmtree(tmp_path / "full")
+
+
+def test_recorder_refuses_reads_after_writes_and_size_comparisons():
+    """The export enforces the graph's state contract: a buffer is read before its rows are written, and a
+    run-time size is never compared as a Python value."""
+    g = Graph("t")
+    o = OnnxOps(g)
+    g.add_input("buf", FLOAT, [2, 5, 3])
+    buf = Sym(g, "buf", (2, 5, 3), FLOAT)
+    written = o.write_rows(buf, o.zeros((2, 1), "int"), o.zeros((2, 1, 3)))
+    with pytest.raises(TraceError, match="read after write_rows"):
+        o.gather_rows(written, o.zeros((2, 1), "int"))
+    with pytest.raises(TraceError, match="written twice"):
+        o.write_rows(written, o.zeros((2, 1), "int"), o.zeros((2, 1, 3)))
+    with pytest.raises(TraceError):
+        min(4, g.dim_of(buf, 1))
