@@ -5,13 +5,15 @@ Each wrapper returns exactly what the default decomposition in `portable.ops` re
 compute in float32 and accept float32 or bfloat16 activations/state; `TRITON_INTERPRET=1` runs them on
 the CPU (that is how they are tested without a GPU).
 
-* `sink_attention` — one program per (query, block of heads); online softmax over the query's index
-  list in blocks, started from the sink logit (m = sink, l = 1), so the sink only enlarges the
-  denominator and an all −1 list gives exactly 0.  Decode and prefill are the same kernel.
-* `indexer_topk` — one launch, one program per query: streams the causally visible keys in blocks,
-  scores them (Σ_h w_h·ReLU(q_h·k), float32 dots) and keeps a running top-k as packed (score, index)
-  integers merged with `tl.topk`; blocks that cannot beat the current k-th best skip the merge.  Output
-  order = the op path's stable sort (score descending, lower index first on ties), −1 padded.
+* `sink_attention` — one launch per attention segment (window ring, the chunk's own rows, gathered or
+  masked entries), one program per (query, block of heads): online softmax over the segment's rows in
+  blocks, carried from segment to segment in a running (max, sum, out) that starts from the sink logit
+  (m = sink, l = 1), so the sink only enlarges the denominator and nothing visible gives exactly 0.
+* `indexer_topk` — one launch per key segment, one program per query: streams the causally visible keys
+  in blocks, scores them (Σ_h w_h·ReLU(q_h·k), float32 dots) and keeps a running top-k as packed (score,
+  row) integers merged with `tl.topk`; blocks that cannot beat the current k-th best skip the merge.  An
+  integer top-k over the segments' candidates gives the order of the op path's stable sort over the
+  concatenated segments (score descending, earlier row first on ties), −1 padded.
 * `hc_pre` / `hc_post` — mHC collapse (RMS, mixing projection, sigmoids, Sinkhorn on the hc×hc matrix
   in registers, weighted sum of streams) and expand, one program per token (per D-block for expand).
 * `moe` — routed (token, expert) pairs sorted by expert and padded per expert to the row tile; a fused
@@ -133,24 +135,33 @@ def fp8_linear(x, w, bf16_dot: bool = False):
 
 # ====================================================================== sink attention
 @triton.jit
-def _sink_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, S, H, N, K, D, scale,
+def _sink_attn_kernel(q_ptr, kv_ptr, sel_ptr, m_ptr, l_ptr, acc_ptr, S, H, N, K, D, scale,
+                      GATHER: tl.constexpr, PER_QUERY: tl.constexpr,
                       BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BF16: tl.constexpr):
+    """Fold one segment's K candidate rows into the running online-softmax state (m, l, acc) of each
+    (query, block of heads).  GATHER: row = idx[query, k] (−1 = skip) of kv [B,N,d]; else row k with a
+    0/1 mask[query, k], of kv [B,N,d] or (PER_QUERY) of the query's own rows [B,S,K,d]."""
     row = tl.program_id(0)                    # b·S + s
     ph = tl.program_id(1)
     b = row // S
     hs = ph * BH + tl.arange(0, BH)
     ds = tl.arange(0, BD)
     hm, dm = hs < H, ds < D
-    q = tl.load(q_ptr + (row * H + hs[:, None]) * D + ds[None, :], mask=hm[:, None] & dm[None, :],
-                other=0.0).to(tl.float32)
-    m_i = tl.load(sink_ptr + hs, mask=hm, other=0.0).to(tl.float32)       # running max starts at the sink
-    l_i = tl.full((BH,), 1.0, tl.float32)                                   # exp(sink − sink)
-    acc = tl.zeros((BH, BD), dtype=tl.float32)
+    hd = (row * H + hs[:, None]) * D + ds[None, :]
+    q = tl.load(q_ptr + hd, mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    m_i = tl.load(m_ptr + row * H + hs, mask=hm, other=0.0)
+    l_i = tl.load(l_ptr + row * H + hs, mask=hm, other=0.0)
+    acc = tl.load(acc_ptr + hd, mask=hm[:, None] & dm[None, :], other=0.0)
+    base = row * K if PER_QUERY else b * N
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        j = tl.load(idx_ptr + row * K + ks, mask=ks < K, other=-1)
-        ok = j >= 0
-        g = tl.load(kv_ptr + (b * N + tl.where(ok, j, 0))[:, None] * D + ds[None, :],
+        if GATHER:
+            j = tl.load(sel_ptr + row * K + ks, mask=ks < K, other=-1)
+            ok = j >= 0
+        else:
+            j = ks
+            ok = tl.load(sel_ptr + row * K + ks, mask=ks < K, other=0) != 0
+        g = tl.load(kv_ptr + (base + tl.where(ok, j, 0))[:, None] * D + ds[None, :],
                     mask=ok[:, None] & dm[None, :], other=0.0).to(tl.float32)          # [BK, BD]
         sc = _mm(q, tl.trans(g), BF16) * scale                                          # [BH, BK]
         sc = tl.where(ok[None, :], sc, float("-inf"))
@@ -160,34 +171,53 @@ def _sink_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, S, H, N, K, D, sc
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _mm(p, g, BF16)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(o_ptr + (row * H + hs[:, None]) * D + ds[None, :], out, mask=hm[:, None] & dm[None, :])
+    tl.store(m_ptr + row * H + hs, m_i, mask=hm)
+    tl.store(l_ptr + row * H + hs, l_i, mask=hm)
+    tl.store(acc_ptr + hd, acc, mask=hm[:, None] & dm[None, :])
 
 
-def sink_attention(q, kv, idx, sink, scale, bf16_dot: bool = False):
-    """q [B,S,H,d], kv [B,N,d], idx [B,S,K] (−1 = skip), sink [H] → float32 [B,S,H,d]."""
+def sink_attention(q, segments, sink, scale, bf16_dot: bool = False):
+    """q [B,S,H,d] over `portable.ops.Segment`s, sink [H] → float32 [B,S,H,d].
+
+    One launch per segment folds its rows into a running (max, sum, out) per query and head, started
+    from the sink (m = sink, l = 1, out = 0: the sink only enlarges the denominator, and nothing visible
+    gives exactly 0), so the segments are attended without concatenating them.  Decode and prefill are
+    the same kernels."""
     b, s, h, d = q.shape
-    n, k = kv.shape[1], idx.shape[-1]
-    out = _alloc((b, s, h, d), torch.float32, q.device)
+    m = torch.empty((b, s, h), dtype=torch.float32, device=q.device).copy_(sink.reshape(1, 1, h))   # never a view
+    l = torch.ones((b, s, h), dtype=torch.float32, device=q.device)
+    acc = torch.zeros((b, s, h, d), dtype=torch.float32, device=q.device)
     bh = _p2(min(h, 64))
     bd = _p2(d)
     bk = 16 if bd >= 512 else 32
     grid = (b * s, triton.cdiv(h, bh))
-    _sink_attn_kernel[grid](q.contiguous(), kv.contiguous(), idx.contiguous(), sink.contiguous(), out,
-                            s, h, n, k, d, float(scale), BH=bh, BK=bk, BD=bd, BF16=bf16_dot)
-    return out
+    qc = q.contiguous()
+    for seg in segments:
+        gather = seg.idx is not None
+        sel = seg.idx if gather else seg.mask
+        k = sel.shape[-1]
+        if k == 0:
+            continue
+        sel = torch.broadcast_to(sel, (b, s, k)).contiguous()
+        n = seg.kv.shape[-2] if not seg.is_per_query else k
+        _sink_attn_kernel[grid](qc, seg.kv.contiguous(), sel if gather else sel.to(torch.int8), m, l, acc,
+                                s, h, n, k, d, float(scale), GATHER=gather, PER_QUERY=seg.is_per_query,
+                                BH=bh, BK=bk, BD=bd, BF16=bf16_dot)
+    return acc / l[..., None]
 
 
 # ====================================================================== lightning indexer fused with top-k
 @triton.jit
-def _indexer_topk_kernel(q_ptr, w_ptr, k_ptr, vis_ptr, out_ptr, S, NH, N, C, TOPK,
+def _indexer_topk_kernel(q_ptr, w_ptr, k_ptr, vis_ptr, out_ptr, S, NH, N, C, TOPK, OFF,
                          BH: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr):
-    """One program per query row (b·S + s): stream the visible keys in blocks of BK, keep the best BK.
+    """One program per query row (b·S + s): stream the visible keys of one segment in blocks of BK, keep
+    the best TOPK as packed candidates (−2⁶³ where fewer are visible).
 
     A candidate is one int64 that sorts like (score descending, index ascending): the high 32 bits are
-    the score's order-preserving integer, the low 32 bits 2³¹−1−index.  So the running top-k is a plain
-    integer top-k (`tl.topk` over [best | block]), the order of the result is the order of the op path's
-    stable sort, and the k-th best is a threshold below which a whole block is skipped without a merge."""
+    the score's order-preserving integer, the low 32 bits 2³¹−1−(OFF + index), OFF = the segment's first
+    row in the concatenation of all segments.  So the running top-k is a plain integer top-k (`tl.topk`
+    over [best | block]), the order is the op path's stable sort over the concatenated segments, and the
+    k-th best is a threshold below which a whole block is skipped without a merge."""
     row = tl.program_id(0)
     b = row // S
     hs = tl.arange(0, BH)
@@ -212,28 +242,49 @@ def _indexer_topk_kernel(q_ptr, w_ptr, k_ptr, vis_ptr, out_ptr, S, NH, N, C, TOP
             score = tl.where(score == 0.0, 0.0, score)                                   # −0 ties +0
             bits = score.to(tl.int32, bitcast=True)
             order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)           # signed, monotone
-            cand = (order << 32) + (2147483647 - ns.to(tl.int64))
+            cand = (order << 32) + (2147483647 - OFF - ns.to(tl.int64))
             cand = tl.where(live, cand, none)
             blk = tl.where(rr[:, None] == t, cand[None, :], blk)
         kth = tl.max(tl.where(ar == TOPK - 1, best, none), 0)                            # k-th best so far
         if tl.max(tl.reshape(blk, (BK,)), 0) > kth:
             best = tl.topk(tl.reshape(tl.join(best, tl.reshape(blk, (BK,))), (2 * BK,)), BK)
-    idx = 2147483647 - (best - ((best >> 32) << 32))
-    tl.store(out_ptr + row * TOPK + ar, tl.where(best == none, -1, idx), mask=ar < TOPK)
+    tl.store(out_ptr + row * TOPK + ar, best, mask=ar < TOPK)
 
 
-def indexer_topk(qi, w, keys, visible, k):
-    """Lightning-indexer top-k in one launch: score_j = Σ_h w_h·ReLU(qi_h·key_j) over the keys j < visible
-    (float32 dots), then the k best indices per query [B,S,k] int64, by score descending and index
-    ascending on ties (the op path's stable sort), −1 padded where fewer than k keys are visible."""
+_NONE = -(1 << 63)          # the kernel's "no candidate"
+
+
+def indexer_topk(qi, w, segments, k):
+    """Lightning-indexer top-k over key segments [(keys [B,N,c], count [B,S])]: score_j = Σ_h w_h·ReLU(qi_h·key_j)
+    over the rows j < count of each (float32 dots); the k best rows of the concatenated segments by score
+    descending, earlier row first on ties (the op path's stable sort).  Returns one [B,S,k] int64 index
+    array per segment (its own picks, −1 elsewhere and where fewer than k rows are visible), k clipped to
+    the total rows as on the op path.
+
+    Each segment's launch keeps its own top k as packed candidates that carry the row's place in the
+    concatenation; one integer top-k over all of them is then exactly the top k of the concatenation."""
     b, s, nh, c = qi.shape
-    n = keys.shape[1]
-    out = _alloc((b, s, k), torch.int64, qi.device)
-    bk = _p2(k)
-    _indexer_topk_kernel[(b * s,)](qi.contiguous(), w.contiguous(), keys.contiguous(),
-                                   visible.contiguous().to(torch.int64), out, s, nh, n, c, k,
-                                   BH=_p2(nh), BC=_p2(c), BS=min(bk, _TILE), BK=bk)
-    return out
+    sizes = [keys.shape[1] for keys, _ in segments]
+    k = min(k, sum(sizes))
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    q, wc = qi.contiguous(), w.contiguous()
+    parts = []
+    for (keys, count), n, off in zip(segments, sizes, offs):
+        if n == 0 or k == 0:
+            continue
+        out = _alloc((b, s, k), torch.int64, qi.device)
+        bk = _p2(k)
+        _indexer_topk_kernel[(b * s,)](q, wc, keys.contiguous(), torch.broadcast_to(count, (b, s)).contiguous(),
+                                       out, s, nh, n, c, k, off, BH=_p2(nh), BC=_p2(c), BS=min(bk, _TILE), BK=bk)
+        parts.append(out)
+    if not parts:
+        best = torch.full((b, s, k), _NONE, dtype=torch.int64, device=qi.device)
+    elif len(parts) == 1:
+        best = parts[0]
+    else:
+        best = torch.topk(torch.cat(parts, -1), k, dim=-1).values      # real candidates are distinct: exact order
+    row = torch.where(best == _NONE, -1, 2147483647 - (best & 0xFFFFFFFF))     # place in the concatenation
+    return [torch.where((row >= off) & (row < off + n), row - off, -1) for n, off in zip(sizes, offs)]
 
 
 # ====================================================================== mHC

@@ -10,22 +10,25 @@ Two paths per composite:
 Numerics mirror the NumPy reference: `float64` (oracle-grade), `float32`, and `bfloat16` = float32
 compute with values rounded to bf16 at the `act` points.  `emulate=True` adds the official QAT numerics.
 
-Decode state in `bfloat16` mode stores the cache schema's "act" buffers (window, compressed entries,
-indexer keys) as real torch.bfloat16 — lossless, since every value written there is already bf16-rounded —
-and the "hp" compressor rows in float32 (`state_dtype`).  Reads need no explicit casts: `torch.cat`
-promotes the bf16 window/entries to float32, `scatter_rows` keeps the buffer's dtype, and `hp` upcasts
-(the indexer keys on the op path).
+State buffers (`state_buffer`) are stored in the cache schema's storage dtypes: in `bfloat16` mode the "act"
+buffers (window, bf16-format entries and indexer keys, the deploy format's rope dims) are real
+torch.bfloat16 — lossless, since every value written there is already bf16-rounded — the "hp" compressor
+rows stay in the compute dtype and the deploy format's codes and scales are uint8.  `write_rows` updates a
+buffer in place (so a CUDA graph can own the state's buffers, see `runner.py`); `read` upcasts bf16 buffers
+to the compute dtype; `trim` cuts entry buffers to the visible rows on the eager path only, because a
+captured graph must keep its shapes (`static_shapes`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
 import torch
 
-from ...portable.ops import Ops
 from ...portable import quant
+from ...portable.ops import Ops
 from . import numerics
 from .weights import ExpertBank, TorchQuant, dequantize
 
@@ -60,6 +63,7 @@ class TorchOps(Ops):
         self.kernels = bool(kernels)
         self.bf16_dot = dtype == "bfloat16"      # bf16 tensor-core operands: exact for bf16-rounded values
         self._consts: dict = {}
+        self._static = False          # set while a CUDA graph is warmed up or captured (`static_shapes`)
         if self.kernels:
             from . import kernels as k
             self.k = k
@@ -75,10 +79,28 @@ class TorchOps(Ops):
         return x
 
     def state_dtype(self, kind: str) -> torch.dtype:
-        """Storage dtype of a cache buffer of `kind` ("act" | "hp" | "int", see `portable.cache`)."""
+        """Storage dtype of a cache buffer of `kind` ("act" | "hp" | "int" | "u8", see `portable.cache`)."""
         if kind == "int":
             return torch.int64
+        if kind == "u8":
+            return torch.uint8
         return torch.bfloat16 if kind == "act" and self.dtype == "bfloat16" else self.dt
+
+    @contextlib.contextmanager
+    def static_shapes(self):
+        """Shapes that do not depend on values (`trim` keeps whole buffers): a CUDA graph's warm-up runs and
+        its capture both run under this, so they launch the same kernels with the same sizes."""
+        before, self._static = self._static, True
+        try:
+            yield
+        finally:
+            self._static = before
+
+    def _const(self, key, make):
+        """A device constant made once (never uploaded inside a CUDA-graph capture)."""
+        if key not in self._consts:
+            self._consts[key] = make()
+        return self._consts[key]
 
     # ------------------------------------------------------------------ primitives
     def asarray(self, x, kind="float"):
@@ -86,10 +108,8 @@ class TorchOps(Ops):
         if isinstance(x, torch.Tensor):
             return x.to(device=self.device, dtype=dt)
         if isinstance(x, (list, tuple)):        # graph constants (rope frequencies): one upload, then cached,
-            key = (tuple(x), kind)             # so no host→device copy happens inside a CUDA-graph capture
-            if key not in self._consts:
-                self._consts[key] = torch.as_tensor(np.asarray(x), dtype=dt, device=self.device)
-            return self._consts[key]
+            return self._const((tuple(x), kind),  # so no host→device copy happens inside a CUDA-graph capture
+                               lambda: torch.as_tensor(np.asarray(x), dtype=dt, device=self.device))
         return torch.as_tensor(np.asarray(x), dtype=dt, device=self.device)
 
     def to_numpy(self, x):
@@ -159,14 +179,69 @@ class TorchOps(Ops):
     def gather_rows(self, x, idx):
         return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
 
-    def scatter_rows(self, buf, idx, rows):
-        out = buf.clone()
-        out[torch.arange(buf.shape[0], device=buf.device)[:, None], idx] = rows.to(buf.dtype)
-        return out
+    def write_rows(self, buf, idx, rows):
+        """buf[b, idx[b,m]] = rows[b,m], in place (duplicate indices only ever hit the spill row)."""
+        buf[torch.arange(buf.shape[0], device=buf.device)[:, None], idx] = rows.to(buf.dtype)
+        return buf
+
+    def copy(self, x):
+        return x.clone()
+
+    def state_buffer(self, shape, kind):
+        return torch.zeros(tuple(shape), dtype=self.state_dtype(kind), device=self.device)
+
+    def read(self, buf):
+        """bf16-stored values in the compute dtype (exact); every other buffer is read as stored."""
+        return buf.to(self.dt) if buf.dtype == torch.bfloat16 and self.dt != torch.bfloat16 else buf
+
+    def trim(self, buf, count):
+        """Rows 0..max(count)−1 on the eager path (one host sync); the whole buffer under `static_shapes` or
+        while a CUDA graph is being captured, where shapes may not follow values."""
+        if self._static or (buf.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return buf
+        return buf[:, :int(count.max()) if count.numel() else 0]
 
     def topk(self, x, k):
-        """Stable descending sort, so equal scores keep the lower index first (model spec §11.1b)."""
-        return torch.sort(x, dim=-1, descending=True, stable=True)[1][..., :k]
+        """Partial selection with the tie rule of a stable sort (model spec §11.1b), without a host sync:
+        the k-th largest value (`torch.topk` values are exact, its order on ties is not) bounds the picks;
+        all values above it and the lowest-index ones equal to it are compacted in index order with a
+        cumulative count, then the k picks are ordered by value with a stable sort (ties → lower index)."""
+        n = x.shape[-1]
+        if k >= n:
+            return torch.sort(x, dim=-1, descending=True, stable=True)[1][..., :k]
+        kth = torch.topk(x, k, dim=-1).values[..., -1:]
+        above, tie = x > kth, x == kth
+        need = k - above.sum(-1, keepdim=True)
+        pick = above | (tie & (torch.cumsum(tie.to(torch.int64), -1) <= need))
+        slot = torch.where(pick, torch.cumsum(pick.to(torch.int64), -1) - 1, k)     # k = a spill column
+        j = torch.arange(n, device=x.device).expand(x.shape)
+        picked = torch.zeros(x.shape[:-1] + (k + 1,), dtype=torch.int64, device=x.device)
+        picked = picked.scatter_(-1, slot, j)[..., :k]
+        order = torch.sort(torch.gather(x, -1, picked), dim=-1, descending=True, stable=True)[1]
+        return torch.gather(picked, -1, order)
+
+    # ------------------------------------------------------------------ deploy-format state codecs (§5)
+    def encode_fp8(self, x, block):
+        return numerics.encode_fp8(x, block)
+
+    def decode_fp8(self, codes, scales, block):
+        return numerics.decode_blocks(numerics.e4m3_values(codes), self._e8m0(scales), block).to(self.dt)
+
+    def encode_fp4(self, x, block):
+        return numerics.encode_fp4(x, block, self._const(("e2m1", x.device), lambda: numerics.e2m1_grid(x.device)))
+
+    def decode_fp4(self, packed, scales, block):
+        table = self._const(("e2m1 values", packed.device), lambda: numerics.e2m1_values(packed.device))
+        return numerics.decode_blocks(numerics.unpack_fp4(packed, table), self._e8m0(scales), block).to(self.dt)
+
+    def _e8m0(self, scales):
+        table = self._const(("e8m0", scales.device), lambda: torch.as_tensor(numerics.E8M0_TABLE, device=scales.device))
+        return table[scales.long()]
+
+    def hadamard(self, n):
+        """H_n/√n in the compute dtype, cached on the device (no upload inside a graph capture)."""
+        return self._const(("hadamard", n), lambda: torch.as_tensor(quant.hadamard(n, np.float64), dtype=self.dt,
+                                                                     device=self.device))
 
     def dense(self, w):
         return dequantize(w, self.dt) if isinstance(w, TorchQuant) else w
@@ -189,11 +264,7 @@ class TorchOps(Ops):
     def indexer_round(self, x):
         if not self.emulate:
             return x
-        key = ("hadamard", x.shape[-1], x.dtype)      # cached: no host→device copy inside a graph capture
-        if key not in self._consts:
-            self._consts[key] = torch.as_tensor(quant.hadamard(x.shape[-1], np.float64), dtype=x.dtype,
-                                                device=x.device)
-        h = self._consts[key]
+        h = self.hadamard(x.shape[-1]).to(x.dtype)
         return numerics.act_fp4_round(torch.matmul(x, h), 32)
 
     # ------------------------------------------------------------------ kernel dispatch of the composites
@@ -208,15 +279,15 @@ class TorchOps(Ops):
             return super().hc_post(f, res, post, comb)
         return self.act(self.k.hc_post(f, res, post, comb))
 
-    def sink_attention(self, q, kv, idx, sink, scale):
+    def sink_attention(self, q, segments, sink, scale):
         if not self.kernels:
-            return super().sink_attention(q, kv, idx, sink, scale)
-        return self.act(self.k.sink_attention(q, kv, idx, sink, scale, self.bf16_dot))
+            return super().sink_attention(q, segments, sink, scale)
+        return self.act(self.k.sink_attention(q, segments, sink, scale, self.bf16_dot))
 
-    def indexer_topk(self, qi, w, keys, visible, k):
+    def indexer_topk(self, qi, w, segments, k):
         if not self.kernels:
-            return super().indexer_topk(qi, w, keys, visible, k)
-        return self.k.indexer_topk(qi, w, keys, visible, k)   # fp32 dots: qi is not bf16-rounded
+            return super().indexer_topk(qi, w, segments, k)
+        return self.k.indexer_topk(qi, w, segments, k)   # fp32 dots: qi is not bf16-rounded
 
     def moe(self, x, idx, wts, experts, limit):
         if self.kernels and isinstance(experts, ExpertBank):

@@ -1,7 +1,8 @@
 """Each Triton kernel vs its op-path decomposition (the `portable.ops` default on torch), run under the
 Triton interpreter on the CPU: fresh random inputs, outputs poisoned with NaN / sentinel ints before the
-kernel runs, awkward sizes (not multiples of the blocks), all −1 index lists, an empty compressed set
-and a single visible entry."""
+kernel runs, awkward sizes (not multiples of the blocks), every segment form (masked ring, gathered
+entries, rows per query, an empty one), all −1 index lists, a single visible entry, ties within and across
+key segments."""
 
 import zlib
 
@@ -11,6 +12,7 @@ import torch
 
 from dsv4.backends.cuda.ops import TorchOps, kernels_available
 from dsv4.portable import quant
+from dsv4.portable.ops import Segment
 
 pytestmark = pytest.mark.skipif(not kernels_available(torch.device("cpu")) and not torch.cuda.is_available(),
                                 reason="needs triton (with TRITON_INTERPRET=1 on the CPU)")
@@ -44,31 +46,72 @@ def _close(a, b, tol=2e-5):
     assert (a - b).abs().max() <= tol * max(1.0, b.abs().max())
 
 
+def _segments(gen, b, s, d, n_win, n_ent, k_ent, k_pq):
+    """The segment forms a layer attends: a masked ring, gathered entries (−1 = skip), rows gathered per
+    query with a validity mask, and an empty segment (a trimmed prefix with nothing held yet)."""
+    win = Segment.dense(torch.randn(b, n_win, d, generator=gen), torch.rand(b, s, n_win, generator=gen) < 0.6)
+    ent = Segment.gather(torch.randn(b, n_ent, d, generator=gen), torch.randint(-1, n_ent, (b, s, k_ent), generator=gen))
+    pq = Segment.per_query(torch.randn(b, s, k_pq, d, generator=gen), torch.rand(b, s, k_pq, generator=gen) < 0.5)
+    empty = Segment.dense(torch.zeros(b, 0, d), torch.zeros(b, s, 0, dtype=torch.bool))
+    return [win, ent, empty, pq]
+
+
 @pytest.mark.parametrize("s", [1, 5], ids=["decode", "prefill"])
 def test_sink_attention(K, op, gen, s):
-    b, h, d, n, k = 2, 5, 96, 45, 37
+    b, h, d = 2, 5, 96
+    segs = _segments(gen, b, s, d, n_win=13, n_ent=45, k_ent=37, k_pq=7)
+    win, ent, _, pq = segs
+    win.mask[0, 0] = False                          # nothing visible: output is exactly 0 (sink only)
+    ent.idx[0, 0] = -1
+    pq.mask[0, 0] = False
+    win.mask[1, 0] = False                          # a single visible entry
+    ent.idx[1, 0] = -1
+    ent.idx[1, 0, 17] = 3
+    pq.mask[1, 0] = False
+    ent.idx[:, -1, 20:] = -1
     q = torch.randn(b, s, h, d, generator=gen)
-    kv = torch.randn(b, n, d, generator=gen)
-    idx = torch.randint(-1, n, (b, s, k), generator=gen)
-    idx[0, 0] = -1                                  # nothing visible: output is exactly 0 (sink only)
-    idx[1, 0] = -1
-    idx[1, 0, 17] = 3                               # a single visible entry
-    idx[:, -1, 20:] = -1                            # window part only: empty compressed set
     sink = torch.randn(h, generator=gen)
-    got = K.sink_attention(q, kv, idx, sink, d ** -0.5)
-    _close(got, op.sink_attention(q, kv, idx, sink, d ** -0.5))
+    got = K.sink_attention(q, segs, sink, d ** -0.5)
+    _close(got, op.sink_attention(q, segs, sink, d ** -0.5))
     assert torch.equal(got[0, 0], torch.zeros(h, d))
-    p1 = 1 / (1 + torch.exp(sink - (q[1, 0] @ kv[1, 3]) * d ** -0.5))     # single entry: weight vs the sink
-    _close(got[1, 0], p1[:, None] * kv[1, 3][None])
+    kv3 = ent.kv[1, 3]
+    p1 = 1 / (1 + torch.exp(sink - (q[1, 0] @ kv3) * d ** -0.5))         # single entry: weight vs the sink
+    _close(got[1, 0], p1[:, None] * kv3[None])
 
 
-def _indexer_inputs(gen, b, s, nh, c, n, palette=None):
-    qi = torch.randn(b, s, nh, c, generator=gen)
-    w = torch.randn(b, s, nh, generator=gen)
+def test_sink_attention_single_query_leaves_inputs_alone(K, op, gen):
+    """B = S = 1 (one decode token): the running state must be a fresh buffer, never a view of the sink."""
+    h, d = 4, 64
+    segs = _segments(gen, 1, 1, d, n_win=40, n_ent=20, k_ent=9, k_pq=3)
+    q, sink = torch.randn(1, 1, h, d, generator=gen), torch.randn(h, generator=gen)
+    before = [t.clone() for t in (q, sink)]
+    got = K.sink_attention(q, segs, sink, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip((q, sink), before))
+    _close(got, op.sink_attention(q, segs, sink, 0.1))
+
+
+def test_sink_attention_bf16_segments(K, op, gen):
+    """bf16-stored rows (the window ring and bf16-format entries of a bfloat16 run) are read as float32."""
+    b, s, h, d = 1, 3, 4, 64
+    segs = _segments(gen, b, s, d, n_win=9, n_ent=20, k_ent=11, k_pq=5)
+    for seg in segs:
+        seg.kv = seg.kv.to(torch.bfloat16)
+    q = torch.randn(b, s, h, d, generator=gen)
+    sink = torch.randn(h, generator=gen)
+    _close(K.sink_attention(q, segs, sink, 0.1), op.sink_attention(q, segs, sink, 0.1))
+
+
+def _indexer_inputs(gen, b, s, nh, c, n, palette=None, integers=False):
+    """Random q, weights and keys; `palette`: keys drawn from a few vectors (ties everywhere); `integers`:
+    small integer values, so every score is exact in any summation order and ties between segments (whose
+    scores the op path computes in separate matmuls) are exact too."""
+    draw = (lambda *shape: torch.randint(-3, 4, shape, generator=gen).float()) if integers else \
+        (lambda *shape: torch.randn(*shape, generator=gen))
+    qi, w = draw(b, s, nh, c), draw(b, s, nh)
     if palette is None:
-        keys = torch.randn(b, n, c, generator=gen)
-    else:                                           # keys drawn from a few vectors: ties everywhere
-        keys = torch.randn(palette, c, generator=gen)[torch.randint(0, palette, (b, n), generator=gen)]
+        keys = draw(b, n, c)
+    else:
+        keys = draw(palette, c)[torch.randint(0, palette, (b, n), generator=gen)]
     return qi, w, keys
 
 
@@ -84,13 +127,33 @@ def test_indexer_topk_fused(K, op, gen, nh, c, n, k, palette):
         keys[:, 14:19] = keys[:, 30:31]             # exact ties straddling the first block boundary (16)
         keys[:, 40:44] = 0.0                        # exact zero scores (±0 ties)
     visible = torch.tensor([[0, 1, k - 2, n], [17, n - 7, n, 33]])
-    got = K.indexer_topk(qi, w, keys, visible, k)
-    want = op.indexer_topk(qi, w, keys, visible, k)
+    (got,) = K.indexer_topk(qi, w, [(keys, visible)], k)
+    (want,) = op.indexer_topk(qi, w, [(keys, visible)], k)
     assert torch.equal(got, want)
     assert (got[0, 0] == -1).all()
     assert torch.equal(got[0, 1], torch.tensor([0] + [-1] * (k - 1)))
     assert (got[0, 2, :k - 2] >= 0).all() and (got[0, 2, k - 2:] == -1).all()
     assert (got[got >= 0] < visible[..., None].expand_as(got)[got >= 0]).all()
+
+
+@pytest.mark.parametrize("palette", [None, 3], ids=["integers", "palette"])
+def test_indexer_topk_segments(K, op, gen, palette):
+    """Stored keys plus the chunk's new keys as two segments: the same picks as the op path over the
+    concatenation, split per segment; ties across segments go to the stored (earlier) rows; an empty
+    segment contributes nothing; k larger than all rows is clipped like the op path."""
+    b, s, nh, c, k = 2, 3, 4, 24, 9
+    qi, w, keys = _indexer_inputs(gen, b, s, nh, c, 41 + 5, palette, integers=True)
+    old, new = keys[:, :41], keys[:, 41:].clone()
+    new[:, 2] = old[:, 7]                           # an exact tie between the segments
+    n_old = torch.tensor([[41, 30, 0], [5, 41, 12]])
+    n_new = torch.tensor([[1, 5, 3], [0, 2, 5]])
+    segs = [(old, n_old), (keys[:, :0], torch.zeros_like(n_old)), (new, n_new)]
+    got, want = K.indexer_topk(qi, w, segs, k), op.indexer_topk(qi, w, segs, k)
+    assert len(got) == 3 and all(torch.equal(g, x) for g, x in zip(got, want))
+    assert (got[1] == -1).all() and (got[0] >= 0).any() and (got[2] >= 0).any()
+    small = [(old[:, :4], torch.full_like(n_old, 4)), (new[:, :2], torch.full_like(n_new, 2))]
+    got, want = K.indexer_topk(qi, w, small, k), op.indexer_topk(qi, w, small, k)
+    assert got[0].shape == (b, s, 6) and all(torch.equal(g, x) for g, x in zip(got, want))
 
 
 def test_indexer_topk_tie_order_and_pruning(K, gen):
@@ -106,10 +169,13 @@ def test_indexer_topk_tie_order_and_pruning(K, gen):
     keys = torch.zeros(1, n, c)
     keys[0, :, 0] = vals
     keys[0, :, 1:] = torch.randn(n, c - 1, generator=gen)      # orthogonal to qi: no effect on scores
-    got = K.indexer_topk(qi, torch.ones(1, 1, 1), keys, torch.tensor([[n]]), k)
+    (got,) = K.indexer_topk(qi, torch.ones(1, 1, 1), [(keys, torch.tensor([[n]]))], k)
     assert got.tolist() == [[[41, 3, 9, 40, 66]]]
-    got = K.indexer_topk(qi, torch.ones(1, 1, 1), keys, torch.tensor([[40]]), k)
+    (got,) = K.indexer_topk(qi, torch.ones(1, 1, 1), [(keys, torch.tensor([[40]]))], k)
     assert got.tolist() == [[[3, 9, 20, 21, 22]]]
+    a, bb = K.indexer_topk(qi, torch.ones(1, 1, 1), [(keys[:, :40], torch.tensor([[40]])),
+                                                     (keys[:, 40:], torch.tensor([[30]]))], k)
+    assert a.tolist() == [[[-1, 3, 9, -1, -1]]] and bb.tolist() == [[[1, -1, -1, 0, 26]]]
 
 
 @pytest.mark.parametrize("hc,d", [(4, 200), (3, 70)])
@@ -158,13 +224,15 @@ def test_fp8_linear(K, op, gen, m):
     _close(K.fp8_linear(x, w), op.linear(x, w))
 
 
-def test_whole_model_on_kernels(tiny_dir, rand_ids):
-    """Every composite on its kernel (forced): prefill then decode steps vs the float64 oracle.  Short,
-    because the interpreter runs each program in Python (~5 s per token for the tiny model)."""
+@pytest.mark.parametrize("fmt", ["bf16", "deploy"])
+def test_whole_model_on_kernels(tiny_dir, rand_ids, fmt):
+    """Every composite on its kernel (forced): prefill then decode steps vs the float64 oracle storing the
+    same state format.  Short, because the interpreter runs each program in Python (~5 s per token)."""
     import dsv4
     ids = rand_ids(8, seed=int(np.random.default_rng().integers(1 << 30)))
-    ref = dsv4.load(tiny_dir, backend="reference", dtype="float64", context=64).forward(ids, full_precision=True)
-    m = dsv4.load(tiny_dir, backend="cuda", dtype="float32", context=64, kernels=True)
+    ref = dsv4.load(tiny_dir, backend="reference", dtype="float64", context=64,
+                    state_format=fmt).forward(ids, full_precision=True)
+    m = dsv4.load(tiny_dir, backend="cuda", dtype="float32", context=64, kernels=True, state_format=fmt)
     assert m.runner.ops.kernels
     st, outs = m.new_state(), []
     logits, st = m.step(st, ids[None, :6])
