@@ -57,7 +57,28 @@ def get_backend(name: str):
     return _FACTORIES[name]
 
 
-class GraphRunner:
+class StateRunner:
+    """What every runner does with its states through the `Ops` that stores them (`self.ops`)."""
+
+    def position(self, state) -> int:
+        """Tokens already in `state` (the longest sequence of the batch)."""
+        return int(np.max(self.ops.to_numpy(state["start"])))
+
+    def fork(self, state: cache.State) -> cache.State:
+        return state.fork(self.ops)
+
+    def stack(self, states: list) -> cache.State:
+        return cache.stack(self.ops, states)
+
+    def split(self, state: cache.State) -> list:
+        return cache.split(self.ops, state)
+
+    def state_to_numpy(self, state) -> dict:
+        """Host copies of every buffer, bf16 words and other stored forms as float32 where they are floats."""
+        return {k: np.asarray(self.ops.to_numpy(self.ops.read(v))) for k, v in state.items()}
+
+
+class GraphRunner(StateRunner):
     """Runs `portable.graph` eagerly on an `Ops` instance with a weight store."""
 
     def __init__(self, cfg: ModelConfig, ops, weights, state_format: str = "bf16"):
@@ -89,24 +110,6 @@ class GraphRunner:
         self.reserve(state, ids_next.shape[1])
         logits = graph.mtp_forward(o, self.weights, self.cfg, state, streams, o.asarray(ids_next, "int"))
         return np.asarray(o.to_numpy(logits))
-
-    def position(self, state) -> int:
-        """Tokens already in `state` (the longest sequence of the batch)."""
-        return int(np.max(self.ops.to_numpy(state["start"])))
-
-    def fork(self, state: cache.State) -> cache.State:
-        return state.fork(self.ops)
-
-    def stack(self, states: list) -> cache.State:
-        return cache.stack(self.ops, states)
-
-    def split(self, state: cache.State) -> list:
-        return cache.split(self.ops, state)
-
-    def state_to_numpy(self, state) -> dict:
-        """Host copies of every buffer, bf16 words and other stored forms as float32 where they are floats."""
-        return {k: np.asarray(self.ops.to_numpy(self.ops.read(v))) for k, v in state.items()}
-
 
 class ContextError(ValueError):
     """Input longer than the context this model was loaded with."""

@@ -27,6 +27,7 @@ import onnxruntime as ort
 from ...export.manifest import ExportError, check_config, read_manifest
 from ...portable import cache
 from ...portable.reference import NumpyOps
+from ...portable.runtime import StateRunner
 
 _PREFERRED = ("CUDAExecutionProvider", "CoreMLExecutionProvider")
 
@@ -37,7 +38,7 @@ def default_providers() -> list[str]:
     return [p for p in _PREFERRED if p in available] + ["CPUExecutionProvider"]
 
 
-class OnnxRunner:
+class OnnxRunner(StateRunner):
     def __init__(self, cfg, export_dir, providers=None, threads: int | None = None):
         self.cfg, self.dir = cfg, Path(export_dir)
         self.manifest = m = read_manifest(self.dir)
@@ -115,22 +116,6 @@ class OnnxRunner:
         self.reserve(state, ids_next.shape[1])
         return self._run("mtp", state, {"ids": np.ascontiguousarray(ids_next, dtype=np.int64),
                                         "streams": streams})["logits"]
-
-    def position(self, state: cache.State) -> int:
-        """Tokens already in `state` (the longest sequence of the batch)."""
-        return int(np.max(state["start"]))
-
-    def fork(self, state: cache.State) -> cache.State:
-        return state.fork(self.ops)
-
-    def stack(self, states: list) -> cache.State:
-        return cache.stack(self.ops, states)
-
-    def split(self, state: cache.State) -> list:
-        return cache.split(self.ops, state)
-
-    def state_to_numpy(self, state: cache.State) -> dict:
-        return {k: np.asarray(v) for k, v in state.items()}
 
 
 def make_runner(cfg, path, dtype: str = "float32", emulate: bool = False, state_format: str = "bf16",
