@@ -271,7 +271,8 @@ def encode_fp8_blocks(x: np.ndarray, block: int = 64):
 
 
 def decode_fp8_blocks(codes: np.ndarray, scales: np.ndarray, block: int = 64) -> np.ndarray:
-    v = e4m3_to_f32(codes).reshape(codes.shape[:-1] + (codes.shape[-1] // block, block)) * e8m0_to_f32(scales)[..., None]
+    v = e4m3_to_f32(codes).reshape(codes.shape[:-1] + (codes.shape[-1] // block, block))
+    v = v * e8m0_to_f32(scales)[..., None]
     return v.reshape(codes.shape)
 
 

@@ -28,9 +28,11 @@ checkpoints (tiny / tiny2), whose untrained weights make them far more sensitive
 Affine scales and biases are bf16 with groups of 32, as mlx-lm stores them.
 tests/backends/mlx/test_qlinear.py and test_formats.py hold each form to these numbers with margin.
 
-Decode (one row per weight) runs these quantized kernels directly.  Prefill chunks (≥ DENSE_ROWS rows) decode
-a 2-D weight once into a float32 temporary and use the BLAS matmul instead — the same values, since every
-form above decodes exactly to float32 — because MLX's CPU quantized matmul re-decodes the weight per row.
+`QLinear.apply` always runs these quantized kernels (decode, and prefill on Metal, whose quantized matmuls
+read each weight once per chunk).  On MLX's CPU backend the quantized matmul of many rows is slower than a
+float32 BLAS matmul (measured 250 vs 90 ms for 512 rows × a 512×256 mxfp8 weight), so `MlxOps` decodes each
+weight once per prefill into a dense float32 copy held for that run (`MlxOps.dense_run`) — the same values,
+since every form above decodes exactly to float32.
 
 Weights with an input size that is not a multiple of 32 cannot be grouped; they stay dense in their
 stored precision (none of V4's linears is such a weight).  Nothing here ever dequantizes a whole model:
@@ -47,7 +49,6 @@ import numpy as np
 from dsv4.portable import quant
 
 GROUP = 32
-DENSE_ROWS = 32          # rows of x from which a 2-D quantized weight is decoded once for a BLAS matmul
 MODES = ("mxfp4", "mxfp8", "affine", "dense")
 Q_MODES = ("mxfp4", "affine")
 
@@ -90,10 +91,6 @@ class QLinear:
                 return mx.matmul(x, wt)
             return mx.gather_mm(x, wt.astype(x.dtype), rhs_indices=rhs_indices, sorted_indices=sorted_indices)
         if rhs_indices is None:
-            if x.size // x.shape[-1] >= DENSE_ROWS and self.w.ndim == 2:
-                # many rows (prefill): MLX's quantized matmul decodes the weight again for every row on the
-                # CPU, so decode it once into a float32 temporary and use the BLAS matmul (same values)
-                return mx.matmul(x, mx.swapaxes(self.dense(mx.float32), -1, -2))
             return mx.quantized_matmul(x, self.w, self.scales, self.biases, transpose=True, **self._kw())
         return mx.gather_qmm(x, self.w, self.scales, self.biases, rhs_indices=rhs_indices, transpose=True,
                              sorted_indices=sorted_indices, **self._kw())

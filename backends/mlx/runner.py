@@ -1,20 +1,28 @@
-"""The MLX runner: the portable graph on `MlxOps`, a compiled single-token step, chunked prefill.
+"""The MLX runner: the portable graph on `MlxOps`, a compiled single-token step per capacity bucket,
+chunked eager prefill, states updated in place.
 
-Why this split (gpt-fast's recipe): a decode step has one static shape per batch size — the state buffers
-are fixed-capacity and positions come from `state["start"]` — so it is traced once by `mx.compile` and
-replayed, which removes the Python dispatch of a few thousand small ops per token (by default on GPU
-devices only; see `make_runner` for why not on MLX's CPU backend).  Prefill runs the same
-graph eagerly in chunks of `prefill_chunk` tokens: its cost is in the big matmuls, and each distinct chunk
-length would otherwise cost a fresh trace.  Each chunk is evaluated before the next one is built, which
-bounds the size of MLX's lazy graph and the memory of intermediate activations.
+Why this split (gpt-fast's recipe): a decode step's shapes depend only on (batch, capacity) — positions and
+counts come from `state["start"]` — so one `mx.compile` trace per capacity bucket is replayed for every
+token until the state grows into the next bucket, which removes the Python dispatch of a few thousand small
+ops per token (by default on GPU devices only; see `make_runner` for why not on MLX's CPU backend).  The
+compiled function takes the flat state buffers and the ids and returns the logits, the streams and the new
+buffers.  Prefill runs the same graph eagerly in chunks of `prefill_chunk` tokens: its cost is in the big
+matmuls, eager reads trim the entry buffers to the visible rows, and each distinct chunk length would
+otherwise cost a fresh trace.  Each chunk is evaluated before the next one is built, which bounds MLX's
+lazy graph and the memory of intermediate activations.
+
+In place: the runner hands the old buffers to the graph and keeps no reference to them, so MLX donates
+each buffer to the scatter that writes its new rows (`MlxOps.write_rows`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import mlx.core as mx
 import numpy as np
 
-from dsv4.portable import graph
+from dsv4.portable import cache, graph
 from dsv4.portable.runtime import GraphRunner
 
 from .ops import MlxOps, on_cpu
@@ -22,52 +30,99 @@ from .weights import CheckpointWeights, ConvertedWeights, converted_format
 
 
 class MlxRunner(GraphRunner):
-    def __init__(self, cfg, ops: MlxOps, weights, prefill_chunk: int = 512, compile: bool | None = None):
-        super().__init__(cfg, ops, weights)
-        if compile is None:
-            compile = not on_cpu()
+    def __init__(self, cfg, ops: MlxOps, weights, state_format: str = "bf16", prefill_chunk: int = 512,
+                 compile: bool | None = None):
+        super().__init__(cfg, ops, weights, state_format)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be ≥ 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
-        self._decode = mx.compile(self._forward) if compile else self._forward
-        self._mtp_decode = mx.compile(self._mtp_forward) if compile else self._mtp_forward
+        self.compile = (not on_cpu()) if compile is None else compile
+        self._compiled: dict = {}      # (mtp, capacity) → compiled single-token step
+        self.traces = 0                # graph traces made for compiled steps (one per bucket and batch size)
 
-    def _forward(self, state, ids):
-        return graph.forward(self.ops, self.weights, self.cfg, state, ids)
+    # ------------------------------------------------------------------ one chunk
+    def _graph(self, state: cache.State, ids, streams):
+        o = self.ops
+        o._reads = None
+        if streams is None:
+            return graph.forward(o, self.weights, self.cfg, state, ids)
+        return graph.mtp_forward(o, self.weights, self.cfg, state, streams, ids), None
 
-    def _mtp_forward(self, state, streams, ids_next):
-        return graph.mtp_forward(self.ops, self.weights, self.cfg, state, streams, ids_next)
+    def _compiled_step(self, mtp: bool, capacity: int):
+        """The compiled single-token step for one capacity bucket: (ids, [streams], *buffers) →
+        (logits, streams, *new buffers), buffers in `state_spec` order."""
+        key = (mtp, capacity)
+        if key not in self._compiled:
+            fmt, cfg = self.state_format, self.cfg
 
-    def step(self, state: dict, ids: np.ndarray):
+            def step(ids, *arrays):
+                self.traces += 1
+                streams, bufs = (arrays[0], arrays[1:]) if mtp else (None, arrays)
+                specs = (cache.mtp_state_spec if mtp else cache.state_spec)(cfg, ids.shape[0], capacity, fmt)
+                state = cache.State(cfg, specs, dict(zip([b.name for b in specs], bufs)), capacity, fmt, mtp)
+                with self._tracing():
+                    logits, h = self._graph(state, ids, streams)
+                return (logits, logits if h is None else h) + tuple(state.buffers[b.name] for b in specs)
+
+            self._compiled[key] = mx.compile(step)
+        return self._compiled[key]
+
+    @contextmanager
+    def _tracing(self):
+        self.ops.tracing = True
+        try:
+            yield
+        finally:
+            self.ops.tracing, self.ops._reads = False, None
+
+    def _prefill(self, tokens: int):
+        """A multi-token step holds dense weight copies for all its chunks on the CPU (`MlxOps.dense_run`)."""
+        return self.ops.dense_run() if tokens > 1 else nullcontext()
+
+    def _chunk(self, state: cache.State, ids: mx.array, streams=None):
+        """Run one chunk on `state` (updated in place) and evaluate it; returns (logits, streams)."""
+        if self.compile and ids.shape[1] == 1:
+            fn = self._compiled_step(streams is not None, state.capacity)
+            names = [b.name for b in state.specs]
+            args = [ids] + ([] if streams is None else [streams]) + [state.buffers.pop(n) for n in names]
+            out = fn(*args)
+            del args                                   # the old buffers live on only in the graph (donated)
+            logits, h = out[0], (None if streams is not None else out[1])
+            state.buffers.update(zip(names, out[2:]))
+        else:
+            logits, h = self._graph(state, ids, streams)
+            self.ops._reads = None
+        mx.eval(logits, *([] if h is None else [h]), *state.buffers.values())
+        return logits, h
+
+    # ------------------------------------------------------------------ runner contract
+    def step(self, state: cache.State, ids: np.ndarray):
         ids = np.asarray(ids)
+        self.reserve(state, ids.shape[1])
         logits, streams = [], []
-        for a in range(0, ids.shape[1], self.prefill_chunk):
-            part = mx.array(ids[:, a:a + self.prefill_chunk].astype(np.int32))
-            fn = self._decode if part.shape[1] == 1 else self._forward
-            lg, state, h = fn(state, part)
-            mx.eval(lg, state, h)
-            logits.append(lg)
-            streams.append(h)
+        with self._prefill(ids.shape[1]):
+            for a in range(0, ids.shape[1], self.prefill_chunk):
+                lg, h = self._chunk(state, mx.array(ids[:, a:a + self.prefill_chunk].astype(np.int32)))
+                logits.append(lg)
+                streams.append(h)
         lg = logits[0] if len(logits) == 1 else mx.concatenate(logits, 1)
         h = streams[0] if len(streams) == 1 else mx.concatenate(streams, 1)
-        return self.ops.to_numpy(lg), state, h
+        return self.ops.to_numpy(lg), h
 
-    def mtp_step(self, state: dict, streams, ids_next: np.ndarray):
+    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray):
         ids = np.asarray(ids_next)
-        n = self.prefill_chunk
-        logits = []
-        for a in range(0, ids.shape[1], n):
-            part = mx.array(ids[:, a:a + n].astype(np.int32))
-            fn = self._mtp_decode if part.shape[1] == 1 else self._mtp_forward
-            lg, state = fn(state, streams[:, a:a + n], part)
-            mx.eval(lg, state)
-            logits.append(lg)
-        lg = logits[0] if len(logits) == 1 else mx.concatenate(logits, 1)
-        return self.ops.to_numpy(lg), state
+        self.reserve(state, ids.shape[1])
+        n, logits = self.prefill_chunk, []
+        with self._prefill(ids.shape[1]):
+            for a in range(0, ids.shape[1], n):
+                lg, _ = self._chunk(state, mx.array(ids[:, a:a + n].astype(np.int32)), streams[:, a:a + n])
+                logits.append(lg)
+        return self.ops.to_numpy(logits[0] if len(logits) == 1 else mx.concatenate(logits, 1))
 
 
-def make_runner(cfg, ckpt, dtype: str = "float32", emulate: bool = False, bits: int | None = None,
-                q_mode: str = "mxfp4", compile: bool | None = None, prefill_chunk: int = 512) -> MlxRunner:
+def make_runner(cfg, ckpt, dtype: str = "float32", emulate: bool = False, state_format: str = "bf16",
+                bits: int | None = None, q_mode: str = "mxfp4", compile: bool | None = None,
+                prefill_chunk: int = 512) -> MlxRunner:
     """An MLX runner over an official-layout checkpoint (weights mapped to MLX forms as they load; `bits` /
     `q_mode` requantize, see qlinear.py) or over a directory written by `convert` (loaded as is).
 
@@ -87,4 +142,4 @@ def make_runner(cfg, ckpt, dtype: str = "float32", emulate: bool = False, bits: 
     else:
         weights = CheckpointWeights(ckpt, bits, q_mode)
     weights.load_all()
-    return MlxRunner(cfg, ops, weights, prefill_chunk=prefill_chunk, compile=compile)
+    return MlxRunner(cfg, ops, weights, state_format, prefill_chunk=prefill_chunk, compile=compile)
