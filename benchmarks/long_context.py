@@ -58,8 +58,9 @@ def long_tiny() -> Path:
     return dst
 
 
-def machine_rates() -> dict:
-    """float32 GEMM FLOP/s and copy bandwidth (bytes read + written per second) on this machine now."""
+def work_rates() -> dict:
+    """float32 GEMM FLOP/s and copy bandwidth (bytes read + written per second) on this machine now,
+    measured in a worker so the BLAS thread pin applies."""
     a = np.random.default_rng(0).standard_normal((512, 1024), dtype=np.float32)
     b = np.random.default_rng(1).standard_normal((1024, 1024), dtype=np.float32)
     np.matmul(a, b)
@@ -218,7 +219,7 @@ def _peak_rss() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
-WORK = {"context": work_context, "held": work_held, "prefill": work_prefill, "prompt": work_prompt,
+WORK = {"rates": work_rates, "context": work_context, "held": work_held, "prefill": work_prefill, "prompt": work_prompt,
         "bytes": work_bytes}
 
 
@@ -251,7 +252,7 @@ def main() -> None:
     decode = 8 if a.quick else 24
     big = [1 * K, 16 * K] + ([] if a.quick else [64 * K])
     cfg = ModelConfig.from_file(long_tiny())
-    rates = machine_rates()
+    rates = run("rates", a.threads)
     res = {"machine": platform.machine(), "processor": platform.processor(), "threads": a.threads,
            "rates": rates, "context": [], "held": [], "prefill_chunk": [], "prompt": [], "bytes": []}
     print(f"GEMM {rates['gemm_flop_s'] / 1e9:.1f} GFLOP/s · copy {rates['copy_bytes_s'] / 1e9:.1f} GB/s "

@@ -74,8 +74,8 @@ class StateRunner:
         return cache.split(self.ops, state)
 
     def state_to_numpy(self, state) -> dict:
-        """Host copies of every buffer, bf16 words and other stored forms as float32 where they are floats."""
-        return {k: np.asarray(self.ops.to_numpy(self.ops.read(v))) for k, v in state.items()}
+        """Host copies of every buffer (copies: the state changes in place), bf16 words as float32."""
+        return {k: np.array(self.ops.to_numpy(self.ops.read(v)), copy=True) for k, v in state.items()}
 
 
 class GraphRunner(StateRunner):
