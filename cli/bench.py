@@ -9,24 +9,19 @@ high-water mark (it includes the model's mapped weights that were touched).
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from typing import Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from . import options as opt
+from .console import console
 from .errors import EXIT_USAGE, CliError
 from .resolve import load_model
-
-
-def peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)      # bytes on macOS, KiB on Linux
+from .session import peak_rss_bytes
 
 
 def measure(model, prompt_tokens: int, gen_tokens: int, chunk: int, seed: int) -> dict:
@@ -86,8 +81,8 @@ def bench(
         t.add_column(col, justify="right" if col != "phase" else "left")
     t.add_row("prefill", str(prompt_tokens), f"{result['prefill_s']:.3f}", f"{result['prefill_tok_s']:.1f}")
     t.add_row("decode", str(gen_tokens), f"{result['decode_s']:.3f}", f"{result['decode_tok_s']:.1f}")
-    console = Console(highlight=False)
-    console.print(t)
-    console.print(f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB · {result['ms_per_token']:.1f} ms/token · "
-                  f"state {result['state_bytes'] / 2**20:.1f} MiB for {result['state_tokens']} tokens "
-                  f"(capacity {result['state_capacity']}, context limit {result['context']})")
+    out = console()
+    out.print(t)
+    out.print(f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB · {result['ms_per_token']:.1f} ms/token · "
+              f"state {result['state_bytes'] / 2**20:.1f} MiB for {result['state_tokens']} tokens "
+              f"(capacity {result['state_capacity']}, context limit {result['context']})")

@@ -3,8 +3,9 @@
 Answers stream as they decode; reasoning is printed dim, or with `--hide-thinking` (or `/thinking off`)
 collapsed into one "thought for …" line that `/think` expands.  Ctrl-C stops the answer and returns to
 the prompt (a second Ctrl-C aborts the step at once); at the prompt, Ctrl-D or /exit quits.  Every turn
-ends with a stats line: tokens, tok/s, prompt tokens (and how many came from the cached prefix), context
-used.  The conversation prefix is reused between turns (see `session`).
+ends with the stats line of `session.stats_line`: tokens and tok/s of the answer and of the prompt (and
+how many prompt tokens came from the cached prefix), peak memory, context used.  The conversation
+prefix is reused between turns (see `session`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from rich.console import Console
 from ..portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent
 from ..portable.runtime import ContextError
 from . import options as opt
+from .console import console
 from .resolve import load_model
-from .session import MODES, ChatSession, Interrupt
+from .session import MODES, ChatSession, Interrupt, stats_line
 
 SAVE_FORMAT = "dsv4-chat"
 HELP = """commands:
@@ -140,12 +142,9 @@ class Repl:
             return
         printer.finish()
         s = self.session
-        cached = f", {res.cached_tokens} cached" if res.cached_tokens else ""
         tag = "[interrupted] " if res.finish_reason == "interrupted" else ""
-        self.console.print(f"{tag}{res.completion_tokens} tokens · {res.decode_tok_s:.1f} tok/s · prompt "
-                           f"{res.prompt_tokens} tokens{cached} in {res.prefill_s:.2f} s · context "
-                           f"{s.context_used}/{s.model.context} · {res.finish_reason}",
-                           style="yellow" if tag else "dim", markup=False, soft_wrap=True)
+        self.console.print(tag + stats_line(res, s.model, s.context_used), style="yellow" if tag else "dim",
+                           markup=False, soft_wrap=True)
 
     def error(self, message: str) -> None:
         self.console.print(f"error: {message}", style="red", markup=False)
@@ -245,4 +244,4 @@ def chat(model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtyp
     opt.check_mode(mode)
     m = load_model(model, backend, dtype, context, force)
     session = ChatSession(m, mode=mode, system=system, sampling=sampling, max_tokens=max_tokens)
-    Repl(session, Console(highlight=False), show_thinking=not hide_thinking).run()
+    Repl(session, console(), show_thinking=not hide_thinking).run()

@@ -8,15 +8,18 @@ missing optional dependency is one line naming the extra to install.  Both show 
 from __future__ import annotations
 
 import importlib
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from ..portable.install import install_command
+from .console import console
 from .errors import EXIT_BACKEND, EXIT_USAGE, CliError, as_cli_error
 from .progress import progress_bar
-from .resolve import model_dir, stderr
+from .resolve import model_dir
 
 CONVERT_TARGETS = ("mlx",)
 EXPORT_FORMATS = ("onnx",)
@@ -27,7 +30,7 @@ def import_tool(module: str, extra: str, what: str):
         return importlib.import_module(module)
     except ImportError as e:
         raise CliError(f"{what} needs the {extra} extra ({e.name or e} is missing): "
-                       f"pip install 'dsv4[{extra}]'", EXIT_BACKEND) from None
+                       f"{install_command(extra)}", EXIT_BACKEND) from None
 
 
 def check_out_dir(out: Path) -> None:
@@ -44,14 +47,29 @@ def tool_errors():
         raise as_cli_error(e) or CliError(str(e).splitlines()[0], EXIT_USAGE) from None
 
 
+def weight_forms(layouts: dict) -> str:
+    """`experts mxfp4, other linears mxfp8`: the forms a converted directory holds (from the mode and
+    bits its config records for each quantized linear)."""
+    forms: dict = {}
+    for name, (mode, bits) in layouts.items():
+        role = "experts" if ".ffn.experts." in name else "other linears"
+        forms.setdefault(role, set()).add(mode if mode.startswith("mx") else f"{mode} {bits}-bit")
+    return ", ".join(f"{role} {'+'.join(sorted(f))}" for role, f in sorted(forms.items()))
+
+
 def convert(
     model: Annotated[str, typer.Argument(help="Source checkpoint directory (official layout), or demo|tiny.")],
     out: Annotated[Path, typer.Argument(help="Output directory (created; must be empty).")],
     to: Annotated[str, typer.Option("--to", help=f"Target backend: {'|'.join(CONVERT_TARGETS)}.")] = "mlx",
-    bits: Annotated[int, typer.Option("--bits", help="Requantize linear weights to 4 or 8 bits.")] = 8,
-    q_mode: Annotated[str, typer.Option("--q-mode", help="Quantization: affine|mxfp4.")] = "mxfp4",
+    bits: Annotated[int, typer.Option("--bits", help=(
+        "With --q-mode mxfp4: 8 keeps the FP8 weights lossless as mxfp8, 4 requantizes them to mxfp4 "
+        "(FP4 experts stay mxfp4 either way). With affine: the bits of every weight."))] = 8,
+    q_mode: Annotated[str, typer.Option("--q-mode", help=(
+        "mxfp4: the checkpoint's own micro-scaled formats; affine: requantize every weight to affine "
+        "--bits with groups of 32."))] = "mxfp4",
 ):
-    """Convert a checkpoint into a backend's ready-to-load layout (MLX quantized weights)."""
+    """Convert a checkpoint into MLX's ready-to-load layout. The default is lossless and mixes two
+    formats: the FP4 experts stay mxfp4, the FP8 weights become mxfp8."""
     if to not in CONVERT_TARGETS:
         raise CliError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, got {to!r}", EXIT_USAGE)
     if bits not in (4, 8):
@@ -61,9 +79,11 @@ def convert(
     tool = import_tool("dsv4.backends.mlx.convert", "mlx", "converting for MLX")
     src = model_dir(model)
     check_out_dir(out)
-    with tool_errors(), progress_bar(f"converting {src.name} for {to}", stderr) as progress:
+    err = console(stderr=True)
+    with tool_errors(), progress_bar(f"converting {src.name} for {to}", err) as progress:
         done = tool.convert(src, out, bits=bits, q_mode=q_mode, progress=progress)
-    stderr.print(f"wrote {done}; run it with: dsv4 chat --model {done}", highlight=False)
+    layouts = json.loads((done / "config.json").read_text())[tool.FORMAT_KEY]["tensors"]
+    err.print(f"wrote {done} ({weight_forms(layouts)}); run it with: dsv4 chat --model {done}", markup=False)
 
 
 def export(
@@ -82,6 +102,7 @@ def export(
     tool = import_tool("dsv4.export", "onnx", "exporting to ONNX")
     src = model_dir(model)
     check_out_dir(out)
-    with tool_errors(), progress_bar(f"exporting {src.name} to {fmt}", stderr) as progress:
+    err = console(stderr=True)
+    with tool_errors(), progress_bar(f"exporting {src.name} to {fmt}", err) as progress:
         done = tool.export_onnx(src, out, dtype=dtype, context=context, mtp=not no_mtp, progress=progress)
-    stderr.print(f"wrote {done}; run it with: dsv4 chat --model {done} --backend onnx", highlight=False)
+    err.print(f"wrote {done}; run it with: dsv4 chat --model {done} --backend onnx", markup=False)

@@ -25,7 +25,7 @@ _ABORT = tuple({click.exceptions.Abort, typer.Abort})
 
 # Exit codes (documented in `dsv4 --help` epilog and the README).
 EXIT_FAILURE = 1        # a check failed (parity bound) or generation failed
-EXIT_USAGE = 2          # bad flag value or missing argument (click's convention)
+EXIT_USAGE = 2          # bad flag value or missing argument (click's convention), e.g. a --port in use
 EXIT_MODEL = 3          # model directory missing or not a usable V4 checkpoint
 EXIT_BACKEND = 4        # unknown or not installed backend
 EXIT_MEMORY = 5         # the model will not fit in memory (override with --force)
@@ -50,9 +50,11 @@ def _known_errors() -> list[tuple[type, int]]:
     from ..portable.checkpoint import CheckpointError
     from ..portable.config import ConfigError
     from ..portable.encoding import EncodingError
+    from ..portable.encoding.tokenizer import TokenizerError
     from ..portable.runtime import BackendError, ContextError
     return [(ContextError, EXIT_CONTEXT), (BackendError, EXIT_BACKEND), (ConfigError, EXIT_MODEL),
-            (CheckpointError, EXIT_MODEL), (FileNotFoundError, EXIT_MODEL), (EncodingError, EXIT_USAGE)]
+            (CheckpointError, EXIT_MODEL), (TokenizerError, EXIT_MODEL), (FileNotFoundError, EXIT_MODEL),
+            (EncodingError, EXIT_USAGE)]
 
 
 def as_cli_error(exc: BaseException) -> CliError | None:

@@ -13,13 +13,13 @@ import sys
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from ..portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent
 from . import options as opt
+from .console import console
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from .resolve import load_model
-from .session import ChatSession, Interrupt
+from .session import ChatSession, Interrupt, peak_rss_bytes, stats_line
 
 
 def read_prompt(prompt: str | None) -> str:
@@ -30,12 +30,6 @@ def read_prompt(prompt: str | None) -> str:
     if not prompt.strip():
         raise CliError("the prompt is empty", EXIT_USAGE)
     return prompt
-
-
-def stats_line(res, model) -> str:
-    cached = f", {res.cached_tokens} cached" if res.cached_tokens else ""
-    return (f"{res.completion_tokens} tokens · {res.decode_tok_s:.1f} tok/s · prompt {res.prompt_tokens} tokens"
-            f"{cached} in {res.prefill_s:.2f} s · {res.finish_reason} · {model.backend}/{model.dtype}")
 
 
 def generate(
@@ -56,7 +50,7 @@ def generate(
     text = read_prompt(prompt)
     m = load_model(model, backend, dtype, context, force)
     session = ChatSession(m, mode=mode, system=system, sampling=sampling, max_tokens=max_tokens, stop=stop or ())
-    err = Console(stderr=True, highlight=False)
+    err = console(stderr=True)
     state = {"in_reasoning": False}
 
     def show(ev):
@@ -81,7 +75,8 @@ def generate(
     if json_out:
         out = {"model": str(m.path), "backend": m.backend, "dtype": m.dtype, "mode": mode,
                "reasoning": res.reasoning, "content": res.content, "tool_calls": res.tool_calls,
-               "finish_reason": res.finish_reason, "usage": res.usage(), "timings": res.timings()}
+               "finish_reason": res.finish_reason, "usage": res.usage(), "timings": res.timings(),
+               "peak_rss_bytes": peak_rss_bytes()}
         if res.warnings:
             out["warnings"] = res.warnings
         sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
@@ -89,6 +84,6 @@ def generate(
         if state["in_reasoning"]:
             err.print()
         sys.stdout.write("\n")
-        err.print(stats_line(res, m), style="dim", markup=False, soft_wrap=True)
+        err.print(stats_line(res, m, session.context_used), style="dim", markup=False, soft_wrap=True)
     if res.finish_reason == "interrupted":
         raise typer.Exit(EXIT_INTERRUPTED)

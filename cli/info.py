@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..backends import catalog
 from ..portable.cache import bytes_per_token, state_bytes
 from ..portable.config import PRESETS, ModelConfig, preset
 from ..portable.runtime import backend_names
@@ -77,7 +78,7 @@ def collect(model: str | None, context: int | None) -> dict:
     memory = []
     for b in backend_names():
         usable = fmt_backend in (None, b)
-        installed = backend_available(b)
+        installed = catalog.installed(b) if b in catalog.REQUIRES else backend_available(b)
         dt = pick_dtype("auto", b)
         est = estimate_memory(cfg, path, b, dt, ctx)
         avail, _ = available_memory(b)

@@ -6,27 +6,44 @@ Heavy modules (backends, the server, exporters) are imported inside the commands
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from .. import __version__
 from .bench import bench
 from .chat import chat
 from .convert import convert, export
 from .errors import EXIT_CODES_HELP, OneLineErrors
 from .generate import generate
 from .info import info
+from .options import Command, FlagHelp
 from .parity import parity
 from .serve_command import serve
 
-app = typer.Typer(cls=OneLineErrors, name="dsv4", no_args_is_help=True, add_completion=False,
+
+class Group(FlagHelp, OneLineErrors):
+    """The `dsv4` group: one-line errors (`errors`), flags shown as flags (`options.FlagHelp`)."""
+
+
+app = typer.Typer(cls=Group, name="dsv4", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, epilog=EXIT_CODES_HELP,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="DeepSeek V4 inference: chat, generate, serve, inspect, check and convert models. "
                        "Without --model every command uses a small built-in demo model.")
 
-app.command()(chat)
-app.command()(generate)
-app.command()(info)
-app.command()(parity)
-app.command()(bench)
-app.command()(convert)
-app.command()(export)
-app.command()(serve)
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dsv4 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                               help="Print the version and exit.")] = False):
+    """Options of `dsv4` itself (the subcommands have their own)."""
+
+
+for command in (chat, generate, info, parity, bench, convert, export, serve):
+    app.command(cls=Command)(command)

@@ -1,11 +1,13 @@
 """Option declarations shared by several commands, so `--model`, `--backend`, sampling flags… read the
-same everywhere (and the server's command can reuse them)."""
+same everywhere (and the server's command can reuse them), and `FlagHelp`, which shows on/off flags
+(`--json`, `--force`, `--help`…) in the help without a value type they do not take."""
 
 from __future__ import annotations
 
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from ..portable.sampling import SamplingParams
 from .errors import EXIT_USAGE, CliError
@@ -33,6 +35,25 @@ RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", help="
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text is generated (repeatable).")]
 HideThinking = Annotated[bool, typer.Option("--hide-thinking", help="Do not print the reasoning.")]
+
+
+
+class FlagHelp:
+    """Command-class mixin: an on/off flag gets an empty metavar, so the help shows `--json`, not
+    `--json <bool>` (recent typer prints every option's value type, flags included, although a flag
+    refuses a value)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and not getattr(p, "count", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class Command(FlagHelp, TyperCommand):
+    """The class of every `dsv4` subcommand."""
+
 
 _FLAG = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
          "repetition_penalty": "--repetition-penalty"}

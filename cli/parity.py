@@ -12,9 +12,9 @@ bfloat16 rows are judged statistically, as the backend tests do (bf16 rounding a
 a random model, so no per-position bound holds): the median per-position error must stay within twice the
 reference's own bf16 emulation (the floor), and argmax agreement with the oracle over the N positions
 within 10 points of the floor's.  A row fails when an error exceeds its bound or the greedy tokens
-diverge; the exit status is 1 if any row failed.  Unavailable backends are listed as skipped.  The ONNX row needs an export: pass
-`--onnx DIR`, or let parity export the model into a temporary directory when `dsv4.export` is installed
-and the export is small.
+diverge; the exit status is 1 if any row failed.  Unavailable backends are listed as skipped, with the
+command that installs them.  The ONNX row needs an export: pass `--onnx DIR`, or let parity export the
+model into a temporary directory when `dsv4.export` is installed and the export is small.
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from ..portable.install import install_command
 from ..portable.runtime import BackendError, backend_names, get_backend
 from . import options as opt
+from .console import console
 from .errors import EXIT_FAILURE, EXIT_USAGE, CliError
-from .resolve import DEMO_NOTICE, model_dir
+from .resolve import DEMO_NOTICE, is_demo, model_config, model_dir
 
 BOUNDS = {"float64": 1e-10, "float32": 1e-4, "bfloat16": None}       # bfloat16: relative to the floor
 PROMPT_TOKENS = 24
@@ -141,7 +144,7 @@ def onnx_export_dir(path: Path, onnx: Path | None, context: int, tmp: Path) -> t
     try:
         from ..export import estimate_size, export_onnx
     except ImportError:
-        return None, "dsv4.export is not installed (pip install 'dsv4[onnx]'), or pass --onnx DIR"
+        return None, f"dsv4.export needs the onnx extra ({install_command('onnx')}), or pass --onnx DIR"
     if estimate_size(path) > AUTO_EXPORT_LIMIT:
         return None, "model too large to export on the fly; pass --onnx DIR (dsv4 export onnx MODEL DIR)"
     return export_onnx(path, tmp / "onnx", context=context, check=False), ""
@@ -183,7 +186,9 @@ def _fmt(x: float | None, bound: float | None) -> str:
     return f"[{style}]{x:.1e}[/{style}]"
 
 
-def render(rows: list[Row], console: Console) -> None:
+def render(rows: list[Row], out: Console) -> None:
+    """The rows as a table; cells are markup, so every text from outside (notes carry install commands
+    such as `pip install -e '.[mlx]'`, whose brackets rich would take for a style) is escaped."""
     t = Table(title="parity vs reference float64", title_justify="left")
     for col in ("backend", "dtype", "logits err", "state err", "bound", "greedy", "result"):
         t.add_column(col, no_wrap=col != "result")
@@ -191,12 +196,12 @@ def render(rows: list[Row], console: Console) -> None:
     for r in rows:
         result = f"[{colors[r.status]}]{r.status}[/{colors[r.status]}]"
         if r.note:
-            result += f" [dim]{r.note}[/dim]"
-        t.add_row(r.backend, r.dtype, _fmt(r.logits_err, r.bound), _fmt(r.state_err, r.bound),
-                  "-" if r.bound is None else f"{r.bound:.0e}", r.greedy or "-", result)
-    console.print(t)
+            result += f" [dim]{escape(r.note)}[/dim]"
+        t.add_row(escape(r.backend), escape(r.dtype), _fmt(r.logits_err, r.bound), _fmt(r.state_err, r.bound),
+                  "-" if r.bound is None else f"{r.bound:.0e}", escape(r.greedy) or "-", result)
+    out.print(t)
     if any(r.dtype == "bfloat16" for r in rows):
-        console.print("bfloat16 rows: median errors, bound = 2 × the reference's bf16 emulation; greedy = "
+        out.print("bfloat16 rows: median errors, bound = 2 × the reference's bf16 emulation; greedy = "
                       "argmax agreement with float64 over all positions", style="dim")
 
 
@@ -227,8 +232,8 @@ def parity(
     if onnx is not None and not (onnx / "manifest.json").is_file():
         raise CliError(f"--onnx {onnx}: not an ONNX export directory (no manifest.json)", EXIT_USAGE)
     path = model_dir(model)
-    err = Console(stderr=True, highlight=False)
-    if (model or "demo") == "demo":
+    err = console(stderr=True)
+    if is_demo(model_config(path)):
         err.print(DEMO_NOTICE, style="yellow", soft_wrap=True)
     with err.status("checking…") as status:
         rows = run(path, names, dtypes, tokens, gen_tokens, seed, onnx,
@@ -237,6 +242,6 @@ def parity(
         sys.stdout.write(json.dumps({"model": str(path), "tokens": tokens, "gen_tokens": gen_tokens,
                                      "rows": [asdict(r) for r in rows]}) + "\n")
     else:
-        render(rows, Console(highlight=False))
+        render(rows, console())
     if any(r.status in ("fail", "error") for r in rows):
         raise typer.Exit(EXIT_FAILURE)

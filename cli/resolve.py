@@ -2,8 +2,9 @@
 server).
 
 Steps, each with a one-line error when it cannot proceed:
-1. `model_dir`: a checkpoint directory (official layout, a backend's converted directory, or an ONNX
-   export), or a synthetic preset built once into the user cache (`demo`: the V4 architecture at tiny
+1. `model_dir`: a model directory (official layout, a backend's converted directory, or an ONNX export,
+   told apart by `portable.layout`), a Hugging Face repo id (`portable.hub`: the HF cache, else a
+   download), or a synthetic preset built once into the user cache (`demo`: the V4 architecture at tiny
    sizes with the real tokenizer; `tiny`/`tiny2`: the test checkpoints) with a progress bar.
 2. `pick_backend`: `auto` follows the directory (converted for MLX → mlx, an ONNX export → onnx), then
    the hardware (MLX on Apple silicon, CUDA when a GPU is visible), then the fastest installed CPU
@@ -22,24 +23,24 @@ import math
 import os
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
 
 from ..portable import cache
-from ..portable.config import PRESETS, ModelConfig
-from ..portable.runtime import BackendError, backend_names, default_state_format, get_backend
+from ..portable.config import PRESETS, ModelConfig, preset
+from ..portable.layout import MANIFEST, backend_of, is_export
+from ..portable.runtime import (SYNTHETIC, BackendError, ContextError, backend_names, context_for,
+                                default_state_format, get_backend, resolve_path)
 from .errors import EXIT_BACKEND, EXIT_MEMORY, EXIT_MODEL, EXIT_USAGE, CliError, as_cli_error
 from .progress import progress_bar
 
 DEFAULT_MODEL = "demo"
-SYNTHETIC = ("demo", "tiny", "tiny2")
 DEFAULT_CONTEXT = 4096
 BACKEND_CHOICES = ("auto", *backend_names())
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
-CPU_PREFERENCE = ("reference", "mlx", "cuda")
-ONNX_MANIFEST = "manifest.json"
+CPU_PREFERENCE = ("reference", "mlx")          # never cuda: torch on the CPU is the slowest here
 DEMO_NOTICE = ("note: the demo model has random weights (the V4 architecture at tiny sizes with the real "
                "tokenizer), so its text is gibberish; pass --model DIR for a real checkpoint")
 _ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2}
@@ -49,24 +50,31 @@ stderr = Console(stderr=True, highlight=False)
 
 # ---------------------------------------------------------------------------------------------- model
 def model_dir(spec: str | None) -> Path:
-    """The checkpoint directory for `--model` (building a synthetic preset on first use)."""
+    """The model directory for `--model`: a directory (checked by `layout.backend_of`), a synthetic preset
+    (built on first use, with a progress bar) or a Hugging Face repo id (`runtime.resolve_path`)."""
     spec = spec or DEFAULT_MODEL
     p = Path(spec).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise CliError(f"{p} has no config.json; --model needs a checkpoint directory "
-                           f"(config.json + *.safetensors + tokenizer.json)", EXIT_MODEL)
-        return p
-    if p.exists():
-        raise CliError(f"--model {spec} is a file; pass the checkpoint's directory", EXIT_MODEL)
-    if spec in SYNTHETIC:
+    if p.exists() and not p.is_dir():
+        raise CliError(f"{spec} is a file; pass the checkpoint's directory", EXIT_MODEL)
+    if not p.exists() and spec in SYNTHETIC:
         return build_synthetic(spec)
-    if spec in PRESETS:
+    if not p.exists() and spec in PRESETS:
         raise CliError(f"the {spec!r} preset has no weights on this machine; pass the directory of a "
-                       f"downloaded DeepSeek-V4 checkpoint (dsv4 info --model {spec} works without one)",
-                       EXIT_MODEL)
-    raise CliError(f"model directory not found: {spec} (pass a checkpoint directory, or --model demo)",
-                   EXIT_MODEL)
+                       f"downloaded DeepSeek-V4 checkpoint or its Hugging Face repo id (dsv4 info --model "
+                       f"{spec} works without one)", EXIT_MODEL)
+    try:
+        path = resolve_path(spec)
+        backend_of(path)
+    except FileNotFoundError as e:            # not found, not a model directory, not on the Hub
+        raise CliError(str(e), EXIT_MODEL) from None
+    return path
+
+
+def is_demo(cfg: ModelConfig) -> bool:
+    """The demo's architecture at the demo's sizes: the demo itself, or a conversion or export of it (which
+    keeps its random weights; an export may lower max_position_embeddings).  No real checkpoint has them."""
+    demo = preset("demo")
+    return replace(cfg, max_position_embeddings=demo.max_position_embeddings) == demo
 
 
 def build_synthetic(name: str) -> Path:
@@ -82,13 +90,7 @@ def model_config(path: Path) -> ModelConfig:
 
 def converted_backend(path: Path) -> str | None:
     """The backend a directory was converted or exported for (None: the official layout)."""
-    if (path / ONNX_MANIFEST).is_file():
-        return "onnx"
-    try:
-        fmt = json.loads((path / "config.json").read_text()).get("dsv4_format")
-    except (OSError, ValueError):
-        return None
-    return fmt.get("backend") if isinstance(fmt, dict) else None
+    return backend_of(path)
 
 
 # -------------------------------------------------------------------------------------------- backend
@@ -125,6 +127,10 @@ def pick_backend(name: str, path: Path) -> str:
             raise CliError(f"{path} was converted for the {own} backend; use --backend {own} "
                            f"(or --backend auto)", EXIT_BACKEND)
         get_backend(name)
+        if name == "cuda" and not gpu_visible():
+            stderr.print("warning: no CUDA GPU is visible, so the cuda backend runs torch on the CPU (slow); "
+                         "--backend auto picks the fastest backend here", style="yellow", markup=False,
+                         soft_wrap=True)
         return name
     if own is not None:
         get_backend(own)
@@ -172,23 +178,6 @@ def weight_bytes_by_dtype(cfg: ModelConfig, path: Path | None) -> dict:
     return out
 
 
-def _plain_and_dense_elements(cfg: ModelConfig) -> tuple[int, int]:
-    """(elements of unquantized tensors, elements of quantized weights once dense) of the schema."""
-    from ..portable.checkpoint import schema
-    specs = schema(cfg)
-    scaled = {s.name[:-6] for s in specs if s.name.endswith(".scale")}
-    plain = dense = 0
-    for s in specs:
-        n = math.prod(s.shape)
-        if s.name.endswith(".scale") or s.dtype == "I64":
-            continue
-        if s.name.endswith(".weight") and s.name[:-7] in scaled:
-            dense += n * (2 if s.dtype == "I8" else 1)
-        else:
-            plain += n
-    return plain, dense
-
-
 def state_buffer_bytes(cfg: ModelConfig, context: int, dtype: str, fmt: str = "bf16") -> int:
     """Bytes of one sequence's state once it holds `context` tokens (states grow with the text; this is
     the most a sequence can reach, which is what a memory check must allow for)."""
@@ -200,22 +189,18 @@ def state_buffer_bytes(cfg: ModelConfig, context: int, dtype: str, fmt: str = "b
 
 def estimate_memory(cfg: ModelConfig, path: Path | None, backend: str, dtype: str, context: int,
                     prefill_chunk: int = 256) -> MemoryEstimate:
-    """What loading `path` on `backend` will take.  Weights: the reference maps the stored tensors and
-    decodes the plain ones (and up to 1 GiB of dense copies) to its dtype; MLX/CUDA keep quantized
-    weights quantized; an ONNX export holds its data file (every weight dense in the export dtype).  Work: logits and activations of one
-    prefill chunk plus a fixed runtime overhead."""
-    item = _ITEMSIZE[dtype]
-    stored = sum(weight_bytes_by_dtype(cfg, path).values())
-    plain, dense = _plain_and_dense_elements(cfg)
-    if backend == "onnx" and path is not None and (path / ONNX_MANIFEST).is_file():
-        manifest = json.loads((path / ONNX_MANIFEST).read_text())
-        weights = int(manifest.get("data", {}).get("bytes", stored))
-    elif backend == "onnx":                   # what an export in `dtype` will hold: every weight dense
-        weights = (plain + dense) * item
-    elif backend == "reference":
-        weights = stored + plain * max(item, 4) + min(1 << 30, dense * max(item, 4))
+    """What loading `path` on `backend` will take.  Weights: as the backend declares it holds each role of
+    the checkpoint schema (`backends.catalog`; a registered backend without a declaration is counted as
+    holding the stored bytes), or for an ONNX export the size of its data file.  Work: logits and
+    activations of one prefill chunk plus a fixed runtime overhead."""
+    from ..backends.catalog import HOLDINGS, UNDECLARED
+    from ..portable.weights import held_bytes
+    holding = HOLDINGS.get(backend, UNDECLARED)
+    if path is not None and is_export(path):
+        manifest = json.loads((path / MANIFEST).read_text())
+        weights = int(manifest.get("data", {}).get("bytes", 0)) or held_bytes(cfg, holding, dtype)
     else:
-        weights = stored + plain * item
+        weights = held_bytes(cfg, holding, dtype)
     work = prefill_chunk * (cfg.vocab_size + 32 * cfg.hidden_size * cfg.hc_mult) * 4 + (300 << 20)
     fmt = default_state_format(backend, dtype)
     return MemoryEstimate(weights, state_buffer_bytes(cfg, context, dtype, fmt), work)
@@ -271,12 +256,12 @@ def check_memory(est: MemoryEstimate, backend: str, force: bool) -> None:
 
 # ----------------------------------------------------------------------------------------------- load
 def resolve_context(cfg: ModelConfig, context: int | None) -> int:
-    if context is None:
-        return min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
-    if not 1 <= context <= cfg.max_position_embeddings:
-        raise CliError(f"--context must be in 1..{cfg.max_position_embeddings} for this model, got {context}",
-                       EXIT_USAGE)
-    return context
+    """`--context`, or DEFAULT_CONTEXT capped at the model's limit: `dsv4.load`'s rule (`context_for`), so
+    a context beyond the limit is refused with the same words."""
+    try:
+        return context_for(cfg, context, default=DEFAULT_CONTEXT)
+    except ContextError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
 
 
 def load_model(model: str | None, backend: str = "auto", dtype: str = "auto", context: int | None = None,
@@ -290,7 +275,7 @@ def load_model(model: str | None, backend: str = "auto", dtype: str = "auto", co
     dt = pick_dtype(dtype, name)
     ctx = resolve_context(cfg, context)
     check_memory(estimate_memory(cfg, path, name, dt, ctx), name, force)
-    if (model or DEFAULT_MODEL) == "demo" and not quiet:
+    if is_demo(cfg) and not quiet:
         stderr.print(DEMO_NOTICE, style="yellow", soft_wrap=True)
     with progress_bar(f"loading {path.name} on {name} ({dt})", stderr, transient=True) as progress:
         try:

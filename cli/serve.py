@@ -1,16 +1,41 @@
 """`dsv4 serve`: load a model and serve the OpenAI and Anthropic APIs with uvicorn.
 
-The CLI command is a thin wrapper around `serve()`; model resolution (presets, `auto` backend, memory
-check) is `cli.resolve.load_model`, shared with every other command.  Tests and embedders use
+This module imports the serve extra (uvicorn, fastapi) at the top, so importing it is the check that the
+extra is installed (`serve_command` turns a failure into one line naming the install command).  The CLI
+command is a thin wrapper around `serve()`; model resolution (presets, `auto` backend, memory check) is
+`cli.resolve.load_model`, shared with every other command.  `serve()` takes the listening port before it
+loads the model, so a busy port fails in a moment instead of after the load.  Tests and embedders use
 `dsv4.cli.server.build_app(model, ...)` directly with a model they loaded themselves.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
+import uvicorn
+
+from .errors import EXIT_USAGE, CliError
 from .resolve import DEFAULT_MODEL, load_model
+from .server import build_app
+
+log = logging.getLogger("dsv4.serve")
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, as uvicorn binds its own (IPv6 for a host with ':', SO_REUSEADDR), for
+    uvicorn to listen on; a port that is taken or not allowed is a CliError."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = e.strerror or str(e)
+        raise CliError(f"cannot listen on {host}:{port}: {why.lower()}; choose another --port or --host",
+                       EXIT_USAGE) from None
+    return sock
 
 
 def serve(model: str | None = None, backend: str = "auto", host: str = "127.0.0.1", port: int = 8000,
@@ -20,16 +45,15 @@ def serve(model: str | None = None, backend: str = "auto", host: str = "127.0.0.
     """Blocking: serve `model` (a checkpoint directory or a preset name; default demo) until interrupted.
 
     Clients address the model as `served_model_name` (default: the directory or preset name)."""
+    sock = listen_socket(host, port)
     try:
-        import uvicorn
-
-        from .server import build_app
-    except ImportError as e:
-        raise SystemExit(f"dsv4 serve needs the serve extra ({e.name} is missing): "
-                         "pip install 'dsv4[serve]'") from None
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    loaded = load_model(model, backend=backend, dtype=dtype, context=context, force=force)
-    name = served_model_name or Path(str(model or DEFAULT_MODEL)).expanduser().name
-    app = build_app(loaded, model_name=name, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
-                    prefill_chunk=prefill_chunk, cache_size=cache_size)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        loaded = load_model(model, backend=backend, dtype=dtype, context=context, force=force)
+        name = served_model_name or Path(str(model or DEFAULT_MODEL)).expanduser().name
+        app = build_app(loaded, model_name=name, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
+                        prefill_chunk=prefill_chunk, cache_size=cache_size)
+        shown = f"[{host}]" if ":" in host else host
+        log.info("listening on http://%s:%d (Ctrl-C stops)", shown, port)   # uvicorn logs it only for its own socket
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,19 +1,22 @@
 """`dsv4 serve`: the command-line face of the HTTP server (`dsv4.cli.serve.serve`).
 
 The server and its dependencies (fastapi, uvicorn) are imported only when the command runs, so the
-rest of the CLI works without the `serve` extra; a missing one is a one-line error.
+rest of the CLI works without the `serve` extra; a missing one is a one-line error (exit 4) naming the
+command that installs it.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Annotated, Optional
 
 import typer
 
+from ..portable.install import install_command
 from . import options as opt
 from .errors import EXIT_BACKEND, EXIT_USAGE, CliError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def serve(
@@ -27,21 +30,20 @@ def serve(
     max_batch: Annotated[int, typer.Option("--max-batch", help="Sequences decoded together.")] = 8,
     served_model_name: Annotated[Optional[str], typer.Option(
         "--served-model-name", help="Model name clients use (default: the directory or preset name).")] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug|info|warning|error.")] = "info",
+    log_level: Annotated[str, typer.Option("--log-level", help=f"{'|'.join(LOG_LEVELS)}.")] = "info",
 ):
     """Serve the model over HTTP (OpenAI- and Anthropic-compatible APIs)."""
     if not 0 < port < 65536:
         raise CliError(f"--port must be in 1..65535, got {port}", EXIT_USAGE)
     opt.check_positive("--max-queue", max_queue)
     opt.check_positive("--max-batch", max_batch)
+    if log_level not in LOG_LEVELS:
+        raise CliError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}", EXIT_USAGE)
     try:
         server = importlib.import_module("dsv4.cli.serve")
     except ImportError as e:
         raise CliError(f"the server needs the serve extra ({e.name or e} is missing): "
-                       f"pip install 'dsv4[serve]'", EXIT_BACKEND) from None
-    given = dict(model=model, backend=backend, host=host, port=port, api_key=api_key, max_queue=max_queue,
+                       f"{install_command('serve')}", EXIT_BACKEND) from None
+    server.serve(model=model, backend=backend, host=host, port=port, api_key=api_key, max_queue=max_queue,
                  context=context, dtype=dtype, force=force, max_batch=max_batch,
                  served_model_name=served_model_name, log_level=log_level)
-    accepted = inspect.signature(server.serve).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    server.serve(**{k: v for k, v in given.items() if takes_all or k in accepted})

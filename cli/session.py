@@ -13,11 +13,18 @@ previous answer is re-rendered without its reasoning (`<think>` becomes `</think
 
 Ctrl-C (`Interrupt`): the first press asks the decode loop to stop after the current token (the state
 stays consistent and cached); a second press raises KeyboardInterrupt at once and the cache is dropped.
+
+`stats_line` is the one-line summary both commands print after a turn (the numbers mlx_lm.generate
+prints: tokens and rate of the answer and of the prompt, peak memory).  A session's first prefill is
+flagged in it: it also pays one-time costs (the reference reads each weight when first used; other
+backends compile kernels or steps), so its rate is not the machine's.
 """
 
 from __future__ import annotations
 
+import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -27,8 +34,10 @@ from ..portable.encoding import ContentDelta, IncrementalDetokenizer, ReasoningD
 from ..portable.generate import PrefixCache, Result, stream
 from ..portable.runtime import ContextError
 from ..portable.sampling import SamplingParams
+from .resolve import human_bytes
 
 MODES = {"chat": ("chat", None), "thinking": ("thinking", "high"), "max": ("thinking", "max")}
+FIRST_PREFILL = "first prefill, includes one-time costs such as lazy weight reads"
 
 
 class Interrupt:
@@ -89,11 +98,14 @@ class TurnResult:
     completion_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    first_prefill: bool = False            # the session's first: includes one-time costs
     warnings: list = field(default_factory=list)
 
     @property
-    def decode_tok_s(self) -> float:
-        return (self.completion_tokens - 1) / self.decode_s if self.decode_s > 0 and self.completion_tokens > 1 else 0.0
+    def decode_tok_s(self) -> float | None:
+        """Tokens per second after the first (which came with the prefill); None below two tokens."""
+        n = self.completion_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else None
 
     @property
     def prefill_tok_s(self) -> float:
@@ -105,8 +117,34 @@ class TurnResult:
                 "cached_tokens": self.cached_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens}
 
     def timings(self) -> dict:
+        rate = self.decode_tok_s
         return {"prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
-                "prefill_tok_s": round(self.prefill_tok_s, 2), "decode_tok_s": round(self.decode_tok_s, 2)}
+                "prefill_tok_s": round(self.prefill_tok_s, 2),
+                "decode_tok_s": None if rate is None else round(rate, 2), "first_prefill": self.first_prefill}
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident-memory high-water mark (mapped weights count once touched)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)      # bytes on macOS, KiB on Linux
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def stats_line(res: TurnResult, model, context_used: int) -> str:
+    """`12 tokens · 30.5 tok/s · prompt 40 tokens, 24 cached, in 0.31 s (51.6 tok/s) · peak RSS 410.2 MiB
+    · context 52/4096 · length · reference/float32` (no decode rate below two tokens)."""
+    answer = [count(res.completion_tokens, "token")]
+    if res.decode_tok_s is not None:
+        answer.append(f"{res.decode_tok_s:.1f} tok/s")
+    cached = f", {res.cached_tokens} cached," if res.cached_tokens else ""
+    warm = f"; {FIRST_PREFILL}" if res.first_prefill else ""
+    prompt = (f"prompt {count(res.prompt_tokens, 'token')}{cached} in {res.prefill_s:.2f} s "
+              f"({res.prefill_tok_s:.1f} tok/s{warm})")
+    return " · ".join([*answer, prompt, f"peak RSS {human_bytes(peak_rss_bytes())}",
+                       f"context {context_used}/{model.context}", res.finish_reason, f"{model.backend}/{model.dtype}"])
 
 
 @dataclass
@@ -143,6 +181,7 @@ class ChatSession:
         self.stats = SessionStats()
         self.last = TurnResult()
         self.context_used = 0
+        self.prefilled = False                 # a prefill has run (the first pays one-time costs)
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -203,7 +242,8 @@ class ChatSession:
 
     def _generate(self, ids: list[int], on_event, interrupt: Interrupt) -> TurnResult:
         thinking_mode, _ = MODES[self.mode]
-        out = TurnResult(prompt_tokens=len(ids))
+        out = TurnResult(prompt_tokens=len(ids), first_prefill=not self.prefilled)
+        self.prefilled = True
         t0 = time.perf_counter()
         out.cached_tokens = self._warm(ids, interrupt)
         if interrupt.requested:                          # Ctrl-C during a long prefill: no answer

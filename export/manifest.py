@@ -32,8 +32,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FORMAT, VERSION = "dsv4-onnx", 2
-MANIFEST = "manifest.json"
+from ..portable.layout import EXPORT_FORMAT as FORMAT, MANIFEST   # how `dsv4.load` recognises an export
+
+VERSION = 2
 
 
 class ExportError(ValueError):

@@ -96,12 +96,12 @@ def _record(cfg: ModelConfig, data: ExternalData, dtype: str, mtp: bool, streams
 
 
 def _used_names(src: TensorSource, mtp: bool) -> list[str]:
-    return sorted(n for n in src.names if not n.endswith(".scale") and (mtp or not n.startswith("mtp.")))
+    return sorted(n for n in src.names() if mtp or not n.startswith("mtp."))
 
 
 def estimate_size(src_dir, dtype: str = "float32", mtp: bool = True) -> int:
     """Bytes the export's weight data will take (the graphs themselves add well under 1%)."""
-    src = TensorSource(Checkpoint(src_dir), dtype)
+    src = TensorSource(ModelConfig.from_file(src_dir), Checkpoint(src_dir), dtype)
     return sum(src.stored_bytes(n) for n in _used_names(src, mtp))
 
 
@@ -129,7 +129,7 @@ def export_onnx(src_dir, out_dir, dtype: str = "float32", context: int | None = 
     for stale in (MANIFEST, "model.onnx", "mtp.onnx", DATA_FILE):
         (out / stale).unlink(missing_ok=True)
     mtp = mtp and cfg.num_nextn_predict_layers > 0
-    source = TensorSource(ckpt, dtype)
+    source = TensorSource(cfg, ckpt, dtype)
     total = sum(source.stored_bytes(n) for n in _used_names(source, mtp))
     data = ExternalData(out / DATA_FILE, source, progress, total)
     graphs = {}

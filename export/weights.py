@@ -8,7 +8,8 @@ graph proto stays small whatever the model size, and the main and MTP graphs sha
 
 Storage precision: FP8/FP4/BF16 weights are dequantized to the export dtype (float32, float16 or
 bfloat16); tensors the checkpoint keeps in float32 (mHC parameters, sinks, compressor `ape`, ...) stay
-float32, exactly as the reference backend sees them; integer tables (hash routing) stay int64.  The
+float32, exactly as the reference backend sees them; integer tables (hash routing) become int64.
+Each tensor's treatment follows its role in the checkpoint schema.  The
 graph casts stored values to float32 where they are used, so compute is float32 for every export dtype.
 
 Linear weights are stored transposed ([in, out]) when the graph only uses them through `Ops.linear`,
@@ -21,6 +22,8 @@ import numpy as np
 from onnx import TensorProto
 
 from ..portable import quant
+from ..portable.checkpoint import EXPERTS, FP32, LINEAR, PLAIN, TABLE, weight_schema
+from ..portable.weights import WeightStore
 from .symbolic import FLOAT, INT64, Graph, Sym
 
 STORAGE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
@@ -39,37 +42,41 @@ def _encode(arr: np.ndarray, dtype: int) -> bytes:
 
 
 class TensorSource:
-    """What each checkpoint tensor becomes in the export: its graph-visible shape/type and stored bytes."""
+    """What each checkpoint tensor the graph uses becomes in the export: its graph-visible shape/type and
+    stored bytes, decided by its role in the checkpoint schema."""
 
-    def __init__(self, ckpt, dtype: str):
+    def __init__(self, cfg, ckpt, dtype: str):
         if dtype not in STORAGE:
             raise ValueError(f"export dtype must be one of {', '.join(STORAGE)}, got {dtype!r}")
-        self.ckpt, self.dtype = ckpt, dtype
-        self.names = set(ckpt.names())
+        self.cfg, self.ckpt, self.dtype = cfg, ckpt, dtype
+        self.roles = {t.name: e.role for e in weight_schema(cfg).values() for t in e.tensors
+                      if not t.name.endswith(".scale")}
 
-    def is_quantized(self, name: str) -> bool:
-        return name.endswith(".weight") and name[:-7] + ".scale" in self.names
+    def names(self) -> list[str]:
+        """The tensors the graph reads (every linear by its `.weight`; scales go into the dequantized value)."""
+        return list(self.roles)
 
     def logical(self, name: str) -> tuple[tuple, int]:
         """(shape, element type) of a tensor as the graph sees it (FLOAT or INT64)."""
-        if self.is_quantized(name):
+        role = self.roles[name]
+        if role in (LINEAR, EXPERTS):
             return self.ckpt.quant_weight(name[:-7]).shape, FLOAT
-        spec = self.ckpt.spec(name)
-        return spec.shape, INT64 if spec.dtype in ("I64", "I32") else FLOAT
+        return self.ckpt.spec(name).shape, INT64 if role == TABLE else FLOAT
 
     def storage(self, name: str) -> int:
-        if self.is_quantized(name):
-            return STORAGE[self.dtype]
-        spec = self.ckpt.spec(name)
-        if spec.dtype in ("I64", "I32"):
+        role = self.roles[name]
+        if role == TABLE:
             return TensorProto.INT64
-        return TensorProto.FLOAT if spec.dtype == "F32" else STORAGE[self.dtype]
+        if role in (PLAIN, FP32) and self.ckpt.spec(name).dtype == "F32":
+            return TensorProto.FLOAT
+        return STORAGE[self.dtype]
 
     def values(self, name: str) -> np.ndarray:
-        if self.is_quantized(name):
+        role = self.roles[name]
+        if role in (LINEAR, EXPERTS):
             return quant.dequantize(self.ckpt.quant_weight(name[:-7]), np.float32)
-        if self.ckpt.spec(name).dtype in ("I64", "I32"):
-            return np.asarray(self.ckpt.raw(name), dtype=np.int64)
+        if role == TABLE:
+            return self.ckpt.table(name, self.cfg.n_routed_experts)
         return self.ckpt.array(name, np.float32)
 
     def stored_bytes(self, name: str) -> int:
@@ -137,19 +144,23 @@ class Weight(Sym):
         return self._t
 
 
-class ExportWeights:
-    """The graph's weight store `W` during recording: `W[name]` and `W.experts(prefix)` like the reference."""
+class ExportWeights(WeightStore):
+    """The graph's weight store `W` during recording (the schema-driven store of `portable.weights`): each
+    conversion is a `Weight` symbol whose initializer is written when the graph first uses it."""
 
     def __init__(self, g: Graph, data: ExternalData):
+        super().__init__(data.source.cfg, data.source.ckpt)
         self.g, self.data = g, data
-        self._cache: dict = {}
         self._added: set = set()
 
-    def __getitem__(self, name: str) -> Weight:
-        if name not in self._cache:
-            shape, dtype = self.data.source.logical(name)
-            self._cache[name] = Weight(self, name, shape, dtype)
-        return self._cache[name]
+    def _weight(self, name: str) -> Weight:
+        shape, dtype = self.data.source.logical(name)
+        return Weight(self, name, shape, dtype)
+
+    def linear(self, prefix: str) -> Weight:
+        return self._weight(prefix + ".weight")
+
+    plain = table = _weight
 
     def materialize(self, name: str, transposed: bool) -> str:
         t = self.data.tensor(name, transposed)
@@ -159,7 +170,3 @@ class ExportWeights:
         if t.data_type in (FLOAT, INT64):
             return t.name
         return self.g.node("Cast", [t.name], to=FLOAT)[0]
-
-    def experts(self, prefix: str) -> list[tuple]:
-        n = sum(1 for k in self.data.source.names if k.startswith(prefix) and k.endswith(".w1.weight"))
-        return [tuple(self[f"{prefix}{e}.{w}.weight"] for w in ("w1", "w2", "w3")) for e in range(n)]

@@ -1,12 +1,18 @@
 """Official V4 checkpoint layout (model spec §8): schema, a safetensors reader/writer, validation.
 
+The schema (`weight_schema`, built once per config) lists every weight with its role — a quantized linear,
+an expert bank, a plain or float32 tensor, an id table — which is what `portable.weights.WeightStore`
+dispatches on for every backend, and what memory estimates count.
+
 Why not the `safetensors` package: it has no numpy dtype for F8_E4M3 / F8_E8M0 and copies tensors into
 memory, while a 160 GB checkpoint must be read lazily.  The format is tiny — an 8-byte little-endian
 header length, a JSON header `{name: {dtype, shape, data_offsets}}`, then the raw bytes — so we parse
 headers ourselves and hand out `np.memmap` views in the stored dtype:
 
     F8_E4M3, F8_E8M0, I8 (packed FP4), U8 → uint8    BF16 → uint16 (raw bf16 words)
-    F16 → float16    F32 → float32    I32 → int32    I64 → int64    U32 → uint32 (MLX packed codes)
+    F16 → float16    F32 → float32    I16/I32/I64 → int16/32/64    U16/U32/U64 → uint16/32/64
+
+(I8 is packed FP4 in the official layout; an I8 id table is read as int8 by `table`.)
 
 Opening never fails on a broken shard: every problem (bad header, truncated data, index naming a
 missing shard, ...) is recorded, reported by `validate` in one `CheckpointError` together with the
@@ -29,7 +35,8 @@ from .quant import FP4_BLOCK, FP8_BLOCK, QuantWeight, bf16_to_f32, e4m3_to_f32, 
 
 NP_DTYPE = {"F8_E4M3": np.dtype("u1"), "F8_E8M0": np.dtype("u1"), "I8": np.dtype("u1"), "U8": np.dtype("u1"),
             "BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
-            "I32": np.dtype("<i4"), "I64": np.dtype("<i8"), "U32": np.dtype("<u4")}
+            "I16": np.dtype("<i2"), "U16": np.dtype("<u2"), "I32": np.dtype("<i4"), "U32": np.dtype("<u4"),
+            "I64": np.dtype("<i8"), "U64": np.dtype("<u8")}
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -52,24 +59,77 @@ class TensorSpec:
 
 
 # ---------------------------------------------------------------------- schema
-def schema(cfg: ModelConfig) -> list[TensorSpec]:
+# What each weight is to the graph (its role), so a weight store dispatches on the schema, never on names:
+LINEAR = "linear"     # a quantized linear: `prefix.weight` (F8_E4M3 or packed FP4 I8) + `prefix.scale`
+EXPERTS = "experts"   # the routed experts of one layer: E × (w1, w2, w3) quantized linears
+PLAIN = "plain"       # a float tensor used at activation precision (norms, embeddings, BF16 compressor weights)
+FP32 = "fp32"         # a float tensor the graph always reads in float32 (`Ops.hp`): mHC, sinks, `ape`,
+                      # the router gate and bias, the output head
+TABLE = "table"       # an integer table (hash routing `tid2eid`): any integer dtype, ids range-checked
+INT_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")
+EXPERT_PROJ = ("w1", "w2", "w3")
+
+
+@dataclass(frozen=True)
+class SchemaEntry:
+    """One weight as the graph asks for it: `W[name]`, or `W.experts(name)` for an EXPERTS bank (whose name
+    is the prefix "layers.L.ffn.experts."); `tensors` are what the official checkpoint stores for it."""
+    name: str
+    role: str
+    tensors: tuple
+    experts: int = 0          # EXPERTS: the bank's size
+
+    def linears(self) -> list[str]:
+        """Prefixes of the quantized linears (`prefix.weight` + `prefix.scale`) this entry is made of."""
+        if self.role == LINEAR:
+            return [self.name[:-len(".weight")]]
+        if self.role == EXPERTS:
+            return [f"{self.name}{e}.{p}" for e in range(self.experts) for p in EXPERT_PROJ]
+        return []
+
+
+_SCHEMAS: dict = {}     # repr(cfg) → (entries, tensors): Flash has ~70k tensors, so built once per config
+
+
+def weight_schema(cfg: ModelConfig) -> dict[str, SchemaEntry]:
+    """Every weight of the official checkpoint for `cfg` by graph name, in layer order (model spec §8.3).
+    Built once per config; the result is shared, do not modify it."""
+    return _schema(cfg)[0]
+
+
+def schema(cfg: ModelConfig) -> tuple[TensorSpec, ...]:
     """Every tensor of the official checkpoint for `cfg`, in layer order (model spec §8.3)."""
-    out: list[TensorSpec] = []
+    return _schema(cfg)[1]
+
+
+def _schema(cfg: ModelConfig) -> tuple[dict, tuple]:
+    key = repr(cfg)
+    if key not in _SCHEMAS:
+        entries = _build_schema(cfg)
+        _SCHEMAS[key] = entries, tuple(t for e in entries.values() for t in e.tensors)
+    return _SCHEMAS[key]
+
+
+def _build_schema(cfg: ModelConfig) -> dict[str, SchemaEntry]:
+    out: dict[str, SchemaEntry] = {}
     D, V, hc = cfg.hidden_size, cfg.vocab_size, cfg.hc_mult
 
-    def t(name, dtype, *shape):
-        out.append(TensorSpec(name, dtype, tuple(shape)))
+    def t(name, dtype, *shape, role=None):
+        role = role or (FP32 if dtype == "F32" else PLAIN)
+        out[name] = SchemaEntry(name, role, (TensorSpec(name, dtype, tuple(shape)),))
 
-    def fp8(name, o, i, scale_dtype="F8_E8M0"):
-        t(f"{name}.weight", "F8_E4M3", o, i)
-        t(f"{name}.scale", scale_dtype, -(-o // FP8_BLOCK), -(-i // FP8_BLOCK))
+    def fp8_specs(name, o, i, scale_dtype="F8_E8M0"):
+        return (TensorSpec(f"{name}.weight", "F8_E4M3", (o, i)),
+                TensorSpec(f"{name}.scale", scale_dtype, (-(-o // FP8_BLOCK), -(-i // FP8_BLOCK))))
 
-    def expert(name, o, i):
+    def fp8(name, o, i):
+        out[f"{name}.weight"] = SchemaEntry(f"{name}.weight", LINEAR, fp8_specs(name, o, i))
+
+    def expert_specs(name, o, i):
         if cfg.expert_dtype == "fp4":
-            t(f"{name}.weight", "I8", o, i // 2)
-            t(f"{name}.scale", "F8_E8M0", o, i // FP4_BLOCK)
-        else:   # -Base: FP8 block experts with float32 scales
-            fp8(name, o, i, "F32")
+            return (TensorSpec(f"{name}.weight", "I8", (o, i // 2)),
+                    TensorSpec(f"{name}.scale", "F8_E8M0", (o, i // FP4_BLOCK)))
+        return fp8_specs(name, o, i, "F32")     # -Base: FP8 block experts with float32 scales
 
     def hc_head(p):
         t(f"{p}hc_head_fn", "F32", hc, hc * D)
@@ -108,21 +168,20 @@ def schema(cfg: ModelConfig) -> list[TensorSpec]:
             t(f"{a}indexer.weights_proj.weight", "BF16", ih, D)
             compressor(f"{a}indexer.compressor.", layer, cfg.index_head_dim)
         f = f"{p}ffn."
-        t(f"{f}gate.weight", "BF16", E, D)
+        t(f"{f}gate.weight", "BF16", E, D, role=FP32)
         if hashed:
-            t(f"{f}gate.tid2eid", "I64", V, cfg.num_experts_per_tok)
+            t(f"{f}gate.tid2eid", "I64", V, cfg.num_experts_per_tok, role=TABLE)
         else:
             t(f"{f}gate.bias", "F32", E)
-        for e in range(E):
-            expert(f"{f}experts.{e}.w1", inter, D)
-            expert(f"{f}experts.{e}.w2", D, inter)
-            expert(f"{f}experts.{e}.w3", inter, D)
+        shapes = {"w1": (inter, D), "w2": (D, inter), "w3": (inter, D)}
+        bank = tuple(s for e in range(E) for w in EXPERT_PROJ for s in expert_specs(f"{f}experts.{e}.{w}", *shapes[w]))
+        out[f"{f}experts."] = SchemaEntry(f"{f}experts.", EXPERTS, bank, E)
         fp8(f"{f}shared_experts.w1", inter, D)
         fp8(f"{f}shared_experts.w2", D, inter)
         fp8(f"{f}shared_experts.w3", inter, D)
 
     t("embed.weight", "BF16", V, D)
-    t("head.weight", "BF16", V, D)
+    t("head.weight", "BF16", V, D, role=FP32)
     t("norm.weight", "BF16", D)
     hc_head("")
     for L in range(cfg.num_hidden_layers):
@@ -325,6 +384,21 @@ class Checkpoint:
         decode = {"BF16": bf16_to_f32, "F8_E4M3": e4m3_to_f32, "F8_E8M0": e8m0_to_f32}.get(spec.dtype)
         return (decode(raw) if decode else raw).astype(dtype)
 
+    def table(self, name: str, limit: int) -> np.ndarray:
+        """An integer id table (hash routing `tid2eid`) as int64, whatever integer dtype stores it (other tools
+        save int32); every id must lie in 0..limit-1 (limit = n_routed_experts)."""
+        spec = self.spec(name)
+        if spec.dtype not in INT_DTYPES:
+            raise CheckpointError(f"{name} is {spec}; an id table needs an integer dtype ({', '.join(INT_DTYPES)})")
+        raw = self.raw(name)
+        raw = raw.view(np.int8) if spec.dtype == "I8" else raw
+        bad = (raw < 0) | (raw >= limit)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise CheckpointError(f"{name}: {int(bad.sum())} ids outside 0..{limit - 1} (n_routed_experts is "
+                                  f"{limit}), e.g. {int(raw[at])} at {list(at)}")
+        return raw.astype(np.int64)
+
     def quant_weight(self, prefix: str) -> QuantWeight:
         """`prefix.weight` (+ `prefix.scale`) as a QuantWeight: F8 → fp8, I8 → fp4, unscaled float → float."""
         w, sname = self.spec(f"{prefix}.weight"), f"{prefix}.scale"
@@ -347,23 +421,38 @@ class Checkpoint:
     def validate(self, cfg: ModelConfig) -> None:
         """Raise ONE CheckpointError listing every broken file and every tensor that differs from schema(cfg)."""
         lines = list(self.problems)
-        expected = {s.name: s for s in schema(cfg)}
-        for name, want in expected.items():
-            entry = self._entries.get(name)
-            if entry is None:
-                lines.append(f"missing: {name} (expected {want})")
-            elif entry.problem:
-                lines.append(f"unreadable: {name}: {entry.problem}")
-            elif entry.spec.dtype != want.dtype:
-                lines.append(f"wrong dtype: {name}: expected {want.dtype}, found {entry.spec.dtype}")
-            elif entry.spec.shape != want.shape:
-                lines.append(f"wrong shape: {name}: expected {list(want.shape)}, found {list(entry.spec.shape)}")
+        expected = {}
+        for weight in weight_schema(cfg).values():
+            for want in weight.tensors:
+                expected[want.name] = want
+                lines += self._mismatch(want, weight.role, cfg)
         for name in sorted(set(self._entries) - set(expected)):
             entry = self._entries[name]
             lines.append(f"unexpected: {name} ({entry.spec or entry.problem})")
         if lines:
             raise CheckpointError(f"checkpoint {self.path} does not match the config ({len(lines)} problems):\n  "
                                   + "\n  ".join(lines))
+
+    def _mismatch(self, want: TensorSpec, role: str, cfg: ModelConfig) -> list[str]:
+        """What is wrong with the stored tensor `want.name` (nothing: []); a TABLE may use any integer dtype
+        and is checked by value."""
+        name, entry = want.name, self._entries.get(want.name)
+        if entry is None:
+            return [f"missing: {name} (expected {want})"]
+        if entry.problem:
+            return [f"unreadable: {name}: {entry.problem}"]
+        table = role == TABLE and entry.spec.dtype in INT_DTYPES
+        if entry.spec.dtype != want.dtype and not table:
+            allowed = "an integer dtype" if role == TABLE else want.dtype
+            return [f"wrong dtype: {name}: expected {allowed}, found {entry.spec.dtype}"]
+        if entry.spec.shape != want.shape:
+            return [f"wrong shape: {name}: expected {list(want.shape)}, found {list(entry.spec.shape)}"]
+        if table:
+            try:
+                self.table(name, cfg.n_routed_experts)
+            except CheckpointError as e:
+                return [f"bad ids: {e}"]
+        return []
 
 
 # ---------------------------------------------------------------------- writer

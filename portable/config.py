@@ -211,19 +211,23 @@ class ModelConfig:
         return tokens // r if r else 0
 
     def param_counts(self) -> dict:
-        """Total and per-token-active parameter counts of the main model and of the MTP block."""
-        from .checkpoint import schema  # local import: schema depends on config
+        """Total and per-token-active parameter counts of the main model and of the MTP block (id tables
+        and scales are not parameters)."""
+        from .checkpoint import EXPERTS, LINEAR, TABLE, weight_schema  # local import: schema depends on config
+        from .weights import dense_elements, instance
         total = active = mtp = 0
         k, e = self.num_experts_per_tok, self.n_routed_experts
-        for spec in schema(self):
-            if spec.name.endswith(".scale") or spec.name.endswith("tid2eid"):
+        for entry in weight_schema(self).values():
+            if entry.role == TABLE:
                 continue
-            n = math.prod(spec.shape) * (2 if spec.dtype == "I8" else 1)
-            if spec.name.startswith("mtp."):
+            tensors, times = instance(entry)
+            n = times * (dense_elements(tensors) if entry.role in (LINEAR, EXPERTS)
+                         else sum(math.prod(t.shape) for t in tensors))
+            if entry.name.startswith("mtp."):
                 mtp += n
                 continue
             total += n
-            active += n * k // e if ".ffn.experts." in spec.name else n
+            active += n * k // e if entry.role == EXPERTS else n
         return {"total": total, "active": active, "mtp": mtp}
 
 

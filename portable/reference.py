@@ -23,6 +23,8 @@ import numpy as np
 
 from . import quant
 from .ops import Ops
+from .runtime import GraphRunner, register_backend
+from .weights import WeightStore
 
 _DTYPES = {"float64": np.float64, "float32": np.float32, "bfloat16": np.float32}
 
@@ -185,49 +187,28 @@ class NumpyOps(Ops):
         return quant.act_fp4_round(np.matmul(x, quant.hadamard(n).astype(x.dtype)), 32)
 
 
-class NumpyWeights:
-    """Weight store over a `Checkpoint`: quantized linears stay `QuantWeight`s, plain tensors are decoded
-    once into the compute dtype (integer tables stay int64).  Other backends subclass it and override the
-    three conversions (`quantized`, `integers`, `floats`) and `experts`."""
+class NumpyWeights(WeightStore):
+    """The reference's conversions for the schema-driven store: quantized linears stay `QuantWeight`s over
+    the memory map (dequantized at the matmul), float tensors are decoded once into the compute dtype, id
+    tables are int64."""
 
-    def __init__(self, ckpt, dtype):
-        self.ckpt, self.dt = ckpt, dtype
-        self._names = set(ckpt.names())
-        self._cache: dict = {}
+    def __init__(self, cfg, ckpt, dtype):
+        super().__init__(cfg, ckpt)
+        self.dt = dtype
 
-    def quantized(self, qw):
-        return qw
+    def linear(self, prefix):
+        return self.ckpt.quant_weight(prefix)
 
-    def integers(self, arr: np.ndarray):
-        return arr
+    def plain(self, name):
+        return self.ckpt.array(name, np.float32).astype(self.dt)
 
-    def floats(self, arr: np.ndarray):
-        return arr.astype(self.dt)
-
-    def __getitem__(self, name):
-        if name in self._cache:
-            return self._cache[name]
-        if name.endswith(".weight") and name[:-7] + ".scale" in self._names:
-            val = self.quantized(self.ckpt.quant_weight(name[:-7]))
-        elif self.ckpt.spec(name).dtype in ("I64", "I32"):
-            val = self.integers(np.array(self.ckpt.raw(name), dtype=np.int64))
-        else:
-            val = self.floats(self.ckpt.array(name, np.float32))
-        self._cache[name] = val
-        return val
-
-    def n_experts(self, prefix: str) -> int:
-        """Routed experts stored under `prefix` (e.g. "layers.3.ffn.experts.")."""
-        return sum(1 for k in self._names if k.startswith(prefix) and k.endswith(".w1.weight"))
-
-    def experts(self, prefix):
-        if prefix not in self._cache:
-            self._cache[prefix] = [tuple(self[f"{prefix}{e}.{w}.weight"] for w in ("w1", "w2", "w3"))
-                                   for e in range(self.n_experts(prefix))]
-        return self._cache[prefix]
+    def table(self, name):
+        return self.ids(name)
 
 
 def make_runner(cfg, ckpt, dtype="float32", emulate=False, state_format="bf16", **_):
-    from .runtime import GraphRunner
     ops = NumpyOps(dtype, emulate)
-    return GraphRunner(cfg, ops, NumpyWeights(ckpt, ops.dt), state_format)
+    return GraphRunner(cfg, ops, NumpyWeights(cfg, ckpt, ops.dt), state_format)
+
+
+register_backend("reference", make_runner)

@@ -1,9 +1,11 @@
 """Backend registry, the `Model` object behind `dsv4.load`, and the default graph runner.
 
 Why a registry: `portable` must not import a backend, yet `dsv4.load(path, backend="mlx")` has to find
-one.  Each backend module registers a `make_runner(cfg, ckpt, dtype=..., emulate=..., ...)` under its
-name when imported; the registry knows only the module paths of the built-in ones and imports them
-lazily, so a missing optional dependency becomes a one-line error naming the extra to install.
+one.  Each backend module calls `register_backend(name, make_runner)` when imported, with
+`make_runner(cfg, ckpt, dtype=..., emulate=..., ...)` taking a `Checkpoint` (or, declared with
+`reads_checkpoint=False`, the model directory: an ONNX export holds no safetensors); the registry knows
+only the module paths of the built-in ones and imports them lazily, so a missing optional dependency
+becomes a one-line error naming the extra to install.
 
 A runner is the one thing a backend must provide: `new_state(batch)`, `step(state, ids) -> (logits,
 streams)` on NumPy int ids / float32 logits, updating the state in place, `mtp_step(...)`, `fork(state)`
@@ -17,25 +19,31 @@ bucket, `step` grows it before a chunk that would overflow it, and `context` is 
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import numpy as np
 
-from . import cache, graph
+from . import cache, graph, hub
 from .config import ModelConfig, PRESETS
+from .layout import backend_of
 
 _BUILTIN = {"reference": "dsv4.portable.reference", "mlx": "dsv4.backends.mlx",
             "cuda": "dsv4.backends.cuda", "onnx": "dsv4.backends.onnx"}
 _FACTORIES: dict = {}
+_READS_DIRECTORY: set = set()          # backends whose make_runner takes the model directory
+SYNTHETIC = ("demo", "tiny", "tiny2")      # presets `portable.tiny` builds (random weights)
+DEFAULT_CONTEXT = 16384
 
 
 class BackendError(RuntimeError):
     """An unknown or unavailable backend; the message says what to install."""
 
 
-def register_backend(name: str, make_runner) -> None:
+def register_backend(name: str, make_runner, reads_checkpoint: bool = True) -> None:
+    """Make `name` loadable: `make_runner(cfg, ckpt, **options)` gets a `Checkpoint`, or the model
+    directory when `reads_checkpoint` is False."""
     _FACTORIES[name] = make_runner
+    (_READS_DIRECTORY.discard if reads_checkpoint else _READS_DIRECTORY.add)(name)
 
 
 def backend_names() -> list[str]:
@@ -49,11 +57,11 @@ def get_backend(name: str):
         try:
             mod = importlib.import_module(_BUILTIN[name])
         except ImportError as e:
-            raise BackendError(f"backend {name!r} is not installed ({e.name or e}); "
-                               f"install it with: pip install 'dsv4[{name}]'") from None
-        _FACTORIES.setdefault(name, getattr(mod, "make_runner", None))
-        if _FACTORIES[name] is None:
-            raise BackendError(f"backend {name!r} does not provide make_runner")
+            from .install import install_command
+            raise BackendError(f"backend {name!r} is not installed ({e.name or e} is missing); "
+                               f"install it with: {install_command(name)}") from None
+        if name not in _FACTORIES:
+            raise BackendError(f"backend module {mod.__name__} did not register the backend {name!r}")
     return _FACTORIES[name]
 
 
@@ -128,8 +136,8 @@ class Model:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .encoding import Tokenizer
-            self._tokenizer = Tokenizer.from_dir(self.path)
+            from .encoding.tokenizer import model_tokenizer
+            self._tokenizer = model_tokenizer(self.path, self.config.vocab_size)
         return self._tokenizer
 
     def check_length(self, n: int) -> None:
@@ -196,33 +204,65 @@ class Model:
 
 
 def resolve_path(path_or_preset) -> Path:
-    """A checkpoint directory, or the name of a synthetic preset (built once into the user cache)."""
+    """A model directory, the name of a synthetic preset (built once into the user cache), or a Hugging
+    Face repo id (`portable.hub`: the local Hugging Face cache first, else a download).  What the
+    directory holds is checked by `check_layout`."""
     p = Path(str(path_or_preset)).expanduser()
+    name = str(path_or_preset)
     if p.exists():
         return p
-    name = str(path_or_preset)
-    if name in ("tiny", "tiny2", "demo"):
+    if name in SYNTHETIC:
         from .tiny import ensure_tiny
         return ensure_tiny(name)
     if name in PRESETS:
         raise FileNotFoundError(f"preset {name!r} has no weights on this machine; pass the directory of a "
-                                f"downloaded DeepSeek-V4 checkpoint")
-    raise FileNotFoundError(f"model directory not found: {p}")
+                                f"downloaded DeepSeek-V4 checkpoint, or its Hugging Face repo id")
+    if hub.is_repo_id(name):
+        return hub.snapshot(name)
+    raise FileNotFoundError(f"model directory not found: {p} (pass a checkpoint directory, a Hugging Face "
+                            f"repo id such as deepseek-ai/DeepSeek-V4-Flash, or demo for the built-in demo model)")
+
+
+def check_layout(path: Path, backend: str) -> None:
+    """Refuse a directory that is no model (`layout.backend_of`) or was written for another backend.  A
+    backend that reads the directory itself (the ONNX runner: manifest, graphs, data) checks it itself."""
+    if backend in _READS_DIRECTORY:
+        return
+    own = backend_of(path)
+    if own is not None and own != backend:
+        raise BackendError(f"{path} was {'exported' if own == 'onnx' else 'converted'} for backend {own!r}; "
+                           f"load it with backend={own!r}" + ("" if own == "onnx" else
+                                                              ", or load the original checkpoint"))
 
 
 def converted_for(path: Path, backend: str) -> bool:
     """True for a directory written by `backend`'s converter (config.json carries `dsv4_format: {"backend":
     name, ...}`): its tensors follow that backend's own layout, which the backend checks as it loads."""
-    try:
-        fmt = json.loads((Path(path) / "config.json").read_text()).get("dsv4_format")
-    except (OSError, ValueError, AttributeError):
-        return False
-    if not isinstance(fmt, dict):
-        return False
-    if fmt.get("backend") != backend:
-        raise BackendError(f"{path} was converted for backend {fmt.get('backend')!r}; load it with "
-                           f"backend={fmt.get('backend')!r}, or load the original checkpoint")
-    return True
+    return backend_of(path) == backend
+
+
+def context_for(cfg: ModelConfig, context: int | None, default: int = DEFAULT_CONTEXT) -> int:
+    """The context to load with: `context`, or `default` capped at the model's limit.  One rule for the
+    API and the CLI: a context beyond the limit (config.json's max_position_embeddings, which an export
+    sets to its fixed max_len) is refused, never clamped."""
+    limit = cfg.max_position_embeddings
+    if context is None:
+        return min(default, limit)
+    if not 1 <= context <= limit:
+        raise ContextError(f"context {context} is outside this model's range of 1..{limit} tokens "
+                           f"(max_position_embeddings in its config.json)")
+    return context
+
+
+def own_tokenizer(path: Path, cfg: ModelConfig):
+    """The checkpoint's own tokenizer, built and checked against the model (control tokens present, no
+    id beyond vocab_size) before any weight is read, so a wrong one fails fast in one line; None for a
+    weights-only directory (no tokenizer.json), whose `model.tokenizer`, the official tokenizer, is
+    checked the same way when first used."""
+    if not (path / "tokenizer.json").is_file():
+        return None
+    from .encoding.tokenizer import model_tokenizer
+    return model_tokenizer(path, cfg.vocab_size)
 
 
 def default_state_format(backend: str, dtype: str) -> str:
@@ -233,10 +273,13 @@ def default_state_format(backend: str, dtype: str) -> str:
 def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emulate: bool = False,
          context: int | None = None, validate: bool = True, progress=None, state_format: str | None = None,
          **backend_options) -> Model:
-    """Load a V4 checkpoint (official layout or a backend's converted directory) on a backend.
+    """Load a V4 model (a directory in the official layout, a backend's converted directory or an ONNX
+    export; a Hugging Face repo id; or a synthetic preset: `resolve_path`) on a backend.
 
     `context` is the longest sequence allowed (states grow with the tokens held, never to `context` up
-    front); `state_format` is how compressed entries are stored: "bf16" (the activation dtype) or "deploy"
+    front), by default 16K or the model's limit if lower; a context beyond the limit is refused
+    (`context_for`).  The checkpoint's tokenizer is checked against the model (`own_tokenizer`).
+    `state_format` is how compressed entries are stored: "bf16" (the activation dtype) or "deploy"
     (FP8 nope + BF16 rope + E8M0, FP4 indexer keys; model spec §5), by default `default_state_format`.
 
     `progress(bytes_read, bytes_total)` is called while a backend copies weights into its own memory (MLX,
@@ -245,11 +288,14 @@ def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emu
     from .checkpoint import Checkpoint
     make_runner = get_backend(backend)
     path = resolve_path(path_or_preset)
+    check_layout(path, backend)
     cfg = ModelConfig.from_file(path)
+    ctx = context_for(cfg, context)
+    tokenizer = own_tokenizer(path, cfg)
     fmt = state_format or default_state_format(backend, dtype)
     if fmt not in cache.FORMATS:
         raise ValueError(f"state_format must be one of {', '.join(cache.FORMATS)}, got {fmt!r}")
-    if backend == "onnx":
+    if backend in _READS_DIRECTORY:
         runner = make_runner(cfg, path, dtype=dtype, emulate=emulate, state_format=fmt, **backend_options)
     else:
         ckpt = Checkpoint(path)
@@ -258,7 +304,6 @@ def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emu
         ckpt.watch(progress)
         runner = make_runner(cfg, ckpt, dtype=dtype, emulate=emulate, state_format=fmt, **backend_options)
         ckpt.watch(None)
-    # default context: 16K, or less where the model (or an export's fixed state capacity) allows less
-    default = min(cfg.max_position_embeddings, 16384, getattr(runner, "max_len", 16384))
-    ctx = min(context or default, cfg.max_position_embeddings)
-    return Model(cfg, runner, path, backend, dtype, ctx)
+    model = Model(cfg, runner, path, backend, dtype, ctx)
+    model._tokenizer = tokenizer
+    return model

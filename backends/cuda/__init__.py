@@ -5,6 +5,9 @@ kernel paths, `weights.py` for the quantized weight store and `runner.py` for ch
 CUDA-graph decode.
 """
 
+from ...portable.runtime import register_backend
 from .runner import CudaRunner, make_runner
 
 __all__ = ["CudaRunner", "make_runner"]
+
+register_backend("cuda", make_runner)

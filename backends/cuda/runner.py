@@ -138,6 +138,6 @@ def make_runner(cfg, ckpt, dtype="float32", emulate=False, state_format="bf16", 
     `kernels` None = Triton kernels on CUDA in float32/bfloat16, True = force (CPU: TRITON_INTERPRET=1);
     `state_format` "bf16" | "deploy" (`portable.cache`)."""
     ops = TorchOps(dtype, emulate, device, kernels)
-    weights = TorchWeights(ckpt, ops.dt, ops.device)
+    weights = TorchWeights(cfg, ckpt, ops.dt, ops.device)
     weights.load_all()
     return CudaRunner(cfg, ops, weights, state_format, prefill_chunk, cuda_graphs)

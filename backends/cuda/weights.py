@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ...portable import quant
-from ...portable.reference import NumpyWeights
+from ...portable.checkpoint import EXPERT_PROJ
+from ...portable.weights import WeightStore
 from .numerics import E2M1_TABLE, E8M0_TABLE
 
 
@@ -90,36 +91,25 @@ def _stack(qws: list, device) -> TorchQuant:
                       ts[0].shape)
 
 
-class TorchWeights(NumpyWeights):
-    """Weight store over a `Checkpoint` (the reference's, with torch tensors on `device`)."""
+class TorchWeights(WeightStore):
+    """The torch conversions for the schema-driven store (`portable.weights`): linears as `TorchQuant` on
+    `device`, float tensors in the compute dtype, id tables int64, each layer's experts one `ExpertBank`.
+    Its memory is declared as `backends.catalog.HOLDINGS["cuda"]`."""
 
-    def __init__(self, ckpt, dtype: torch.dtype, device):
-        super().__init__(ckpt, dtype)
-        self.device = device
+    def __init__(self, cfg, ckpt, dtype: torch.dtype, device):
+        super().__init__(cfg, ckpt)
+        self.dt, self.device = dtype, device
 
-    def quantized(self, qw):
-        return to_torch_quant(qw, self.device)
+    def linear(self, prefix):
+        return to_torch_quant(self.ckpt.quant_weight(prefix), self.device)
 
-    def integers(self, arr: np.ndarray):
-        return torch.as_tensor(arr, device=self.device)
+    def plain(self, name):
+        return torch.as_tensor(self.ckpt.array(name, np.float32), device=self.device).to(self.dt)
 
-    def floats(self, arr: np.ndarray):
-        return torch.as_tensor(arr, device=self.device).to(self.dt)
+    def table(self, name):
+        return torch.as_tensor(self.ids(name), device=self.device)
 
-    def experts(self, prefix):
-        if prefix not in self._cache:
-            n = self.n_experts(prefix)
-            banks = [_stack([self.ckpt.quant_weight(f"{prefix}{e}.{w}") for e in range(n)], self.device)
-                     for w in ("w1", "w2", "w3")]
-            self._cache[prefix] = ExpertBank(*banks, n)
-        return self._cache[prefix]
-
-    def load_all(self) -> None:
-        """Materialize every tensor, at load: the device copy is made once, up front (and a captured CUDA
-        graph may not load anything lazily)."""
-        for name in self._names:
-            if ".experts." in name or name.endswith(".scale"):
-                continue
-            self[name]
-        for p in {n.split(".experts.")[0] + ".experts." for n in self._names if ".experts." in n}:
-            self.experts(p)
+    def bank(self, entry):
+        banks = [_stack([self.ckpt.quant_weight(f"{entry.name}{e}.{w}") for e in range(entry.experts)], self.device)
+                 for w in EXPERT_PROJ]
+        return ExpertBank(*banks, entry.experts)

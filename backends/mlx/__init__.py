@@ -5,6 +5,9 @@ The portable graph runs on `MlxOps` (ops.py); checkpoint weights are kept in com
 writes an MLX-ready directory that loads with no further conversion (convert.py).
 """
 
+from ...portable.runtime import register_backend
 from .runner import MlxRunner, make_runner
 
 __all__ = ["MlxRunner", "make_runner"]
+
+register_backend("mlx", make_runner)

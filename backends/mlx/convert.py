@@ -24,11 +24,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from dsv4.portable.checkpoint import INDEX_NAME, Checkpoint
+from dsv4.portable.checkpoint import EXPERT_PROJ, EXPERTS, INDEX_NAME, LINEAR, TABLE, Checkpoint, weight_schema
 from dsv4.portable.config import ModelConfig
 
 from . import qlinear
-from .weights import EXPERT_PROJ, FORMAT_KEY, FORMAT_VERSION, CheckpointWeights, converted_format
+from .weights import FORMAT_KEY, FORMAT_VERSION, CheckpointWeights, converted_format
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -62,22 +62,10 @@ class _ShardWriter:
         (self.out / INDEX_NAME).write_text(json.dumps(index, indent=1))
 
 
-def _plan(ckpt: Checkpoint) -> list[tuple[str, str, list[str]]]:
-    """(output name, kind, source tensors) in checkpoint order; kind is plain | linear | experts."""
-    names = ckpt.names()
-    present = set(names)
-    plan, banks = [], set()
-    for name in names:
-        if ".ffn.experts." in name:
-            bank = name.split(".ffn.experts.")[0] + ".ffn.experts."
-            if bank not in banks:
-                banks.add(bank)
-                plan.append((bank, "experts", [n for n in names if n.startswith(bank)]))
-        elif name.endswith(".weight") and name[:-7] + ".scale" in present:
-            plan.append((name[:-7], "linear", [name, name[:-7] + ".scale"]))
-        elif not (name.endswith(".scale") and name[:-6] + ".weight" in present):
-            plan.append((name, "plain", [name]))
-    return plan
+def _plan(cfg: ModelConfig) -> list[tuple[str, str, list[str]]]:
+    """(output name, role, source tensors) in schema order; one entry per weight of the schema."""
+    return [(e.name[:-len(".weight")] if e.role == LINEAR else e.name, e.role, [t.name for t in e.tensors])
+            for e in weight_schema(cfg).values()]
 
 
 def convert(src_dir, out_dir, bits: int = 8, q_mode: str = "mxfp4",
@@ -99,27 +87,28 @@ def convert(src_dir, out_dir, bits: int = 8, q_mode: str = "mxfp4",
     ckpt.validate(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
-    plan = _plan(ckpt)
+    plan = _plan(cfg)
     total = sum(ckpt.spec(n).nbytes for _, _, srcs in plan for n in srcs)
     done = 0
     layouts: dict = {}
     writer = _ShardWriter(out, shard_bytes)
-    weights = CheckpointWeights(ckpt, bits, q_mode)       # bounded reads, one tensor or bank at a time
-    for name, kind, srcs in plan:
-        if kind == "plain":
-            writer.add(name, weights.reader.read_mx(name))
-        elif kind == "linear":
+    weights = CheckpointWeights(cfg, ckpt, bits, q_mode)  # bounded reads, one tensor or bank at a time
+    for name, role, srcs in plan:
+        if role == LINEAR:
             q = weights.linear(name)
             layouts[name] = [q.mode, q.bits]
             for suffix, arr in q.arrays().items():
                 writer.add(f"{name}.{suffix}", arr)
-        else:
-            n = sum(1 for s in srcs if s.endswith(".w1.weight"))
+        elif role == EXPERTS:
             for p in EXPERT_PROJ:
-                q = weights.bank(name, p, n)
+                q = weights.projection(name, p, cfg.n_routed_experts)
                 layouts[name + p] = [q.mode, q.bits]
                 for suffix, arr in q.arrays().items():
                     writer.add(f"{name}{p}.{suffix}", arr)
+        elif role == TABLE:                               # int32 ids, range-checked
+            writer.add(name, weights.table(name))
+        else:                                             # plain and fp32 tensors: as stored
+            writer.add(name, weights.reader.read_mx(name))
         done += sum(ckpt.spec(s).nbytes for s in srcs)
         if progress is not None:
             progress(done, total)

@@ -26,7 +26,8 @@ checkpoints (tiny / tiny2), whose untrained weights make them far more sensitive
 | affine 4-bit (4, "affine")     | 0.082          | 0.087          | 0.625        | 0.35 / 0.38   | 0.48 / 0.47  |
 
 Affine scales and biases are bf16 with groups of 32, as mlx-lm stores them.
-tests/backends/mlx/test_qlinear.py and test_formats.py hold each form to these numbers with margin.
+tests/backends/mlx/test_qlinear.py (weight errors) and test_formats_convert.py (logits errors) hold each
+form to these numbers with margin.
 
 `QLinear.apply` always runs these quantized kernels (decode, and prefill on Metal, whose quantized matmuls
 read each weight once per chunk).  On MLX's CPU backend the quantized matmul of many rows is slower than a

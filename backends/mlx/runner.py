@@ -138,8 +138,8 @@ def make_runner(cfg, ckpt, dtype: str = "float32", emulate: bool = False, state_
         if bits is not None:
             raise ValueError(f"{ckpt.path} is already converted ({fmt.get('q_mode')}, {fmt.get('bits')} bits); "
                              "load it without bits=, or convert the original checkpoint again")
-        weights = ConvertedWeights(ckpt, fmt)
+        weights = ConvertedWeights(cfg, ckpt, fmt)
     else:
-        weights = CheckpointWeights(ckpt, bits, q_mode)
+        weights = CheckpointWeights(cfg, ckpt, bits, q_mode)
     weights.load_all()
     return MlxRunner(cfg, ops, weights, state_format, prefill_chunk=prefill_chunk, compile=compile)

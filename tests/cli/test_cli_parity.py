@@ -5,6 +5,7 @@ import pytest
 from cli_helpers import error_line, json_out
 
 from dsv4.portable import runtime
+from dsv4.portable.install import install_command
 from dsv4.portable.reference import make_runner as reference_runner
 
 FLAGS = ["--tokens", 40, "--gen-tokens", 4, "--json"]
@@ -58,3 +59,11 @@ def test_table_output_and_errors(dsv4_cli, tiny_dir):
     assert r.exit_code == 2 and error_line(r).startswith("error: unknown backend 'tpu'; choose from ")
     r = dsv4_cli("parity", "--model", tiny_dir, "--dtype", "int8")
     assert r.exit_code == 2 and error_line(r) == "error: --dtype must be one of float64, float32, bfloat16, got 'int8'"
+
+
+def test_a_skipped_backend_shows_its_install_command_verbatim(dsv4_cli, tiny_dir, monkeypatch):
+    """The note carries `pip install … '…[fake]'`; rich must print the brackets, not take them for markup."""
+    monkeypatch.setitem(runtime._BUILTIN, "fake", "dsv4.backends.does_not_exist")
+    r = dsv4_cli("parity", "--model", tiny_dir, "--backend", "fake", "--tokens", 16, "--gen-tokens", 1)
+    assert r.exit_code == 0, r.output
+    assert "skipped" in r.stdout and install_command("fake") in r.stdout

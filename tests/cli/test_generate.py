@@ -1,11 +1,14 @@
 """`dsv4 generate`: output equals the library's own greedy generation, streaming == --json, stdin, sampling
 flags, --stop, and one-line errors with their exit codes."""
 
+import re
+
 import numpy as np
 import pytest
 from cli_helpers import error_line, json_out
 
 import dsv4
+from dsv4.cli.session import FIRST_PREFILL
 from dsv4.portable.encoding import StreamParser
 
 PROMPT = "Tell me about the sea"
@@ -41,6 +44,34 @@ def test_streamed_stdout_is_the_answer_and_stats_go_to_stderr(dsv4_cli, model_ar
     assert f"prompt {expected['prompt']} tokens" in r.stderr and "tok/s" in r.stderr
 
 
+STATS = re.compile(rf"(\d+) tokens? (?:· ([\d.]+) tok/s )?· prompt (\d+) tokens? in [\d.]+ s \(([\d.]+) tok/s"
+                   rf"(; {re.escape(FIRST_PREFILL)})?\) · peak RSS ([\d.]+) (MiB|GiB) · "
+                   rf"context (\d+)/256 · (length|stop) · reference/float32")
+
+
+def test_stats_line_has_prompt_rate_and_peak_memory(dsv4_cli, model_args, expected):
+    r = dsv4_cli("generate", PROMPT, *model_args, "-n", 10)
+    m = STATS.fullmatch(r.stderr.strip())
+    assert m, r.stderr
+    n, rate, prompt, prompt_rate, warm, peak, unit, used, _ = m.groups()
+    assert int(n) == expected["tokens"] and int(prompt) == expected["prompt"]
+    assert float(rate) > 0 and float(prompt_rate) > 0 and warm                # one turn: the first prefill
+    assert float(peak) * (1 << (20 if unit == "MiB" else 30)) > 50 << 20
+    assert int(used) == expected["prompt"] + expected["tokens"]
+
+
+def test_one_token_has_no_decode_rate(dsv4_cli, model_args):
+    """`-n 1`: "1 token" (not "1 tokens · 0.0 tok/s"), and null as the decode rate in JSON."""
+    r = dsv4_cli("generate", PROMPT, *model_args, "-n", 1)
+    assert r.exit_code == 0, r.output
+    m = STATS.fullmatch(r.stderr.strip())
+    assert m and r.stderr.startswith("1 token · prompt ") and m.group(2) is None, r.stderr
+    out = json_out(dsv4_cli("generate", PROMPT, *model_args, "-n", 1, "--json"))
+    assert out["usage"]["completion_tokens"] == 1 and out["timings"]["decode_tok_s"] is None
+    assert out["timings"]["prefill_tok_s"] > 0 and out["timings"]["first_prefill"] is True
+    assert out["peak_rss_bytes"] > 50 << 20
+
+
 def test_prompt_from_stdin(dsv4_cli, model_args, expected):
     out = json_out(dsv4_cli("generate", *model_args, "-n", 10, "--json", input=PROMPT))
     assert out["content"] == expected["content"]
@@ -72,7 +103,7 @@ def test_thinking_mode_reports_reasoning(dsv4_cli, model_args):
 
 @pytest.mark.parametrize("args,code,message", [
     (["--model", "/no/such/dir"], 3,
-     "error: model directory not found: /no/such/dir (pass a checkpoint directory, or --model demo)"),
+     "error: model directory not found: /no/such/dir (pass a checkpoint directory"),
     (["--backend", "tpu"], 4, "error: unknown backend 'tpu'; choose one of auto, cuda, mlx, onnx, reference"),
     (["--top-p", "0"], 2, "error: --top-p must be in (0, 1], got 0.0"),
     (["--temperature", "-1"], 2, "error: --temperature must be ≥ 0, got -1.0"),

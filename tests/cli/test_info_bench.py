@@ -36,8 +36,9 @@ def test_info_table_and_a_preset_without_weights(dsv4_cli, tiny_dir):
 def test_info_errors(dsv4_cli, tmp_path):
     r = dsv4_cli("info", "--model", tmp_path)
     assert r.exit_code == 3
-    assert error_line(r) == (f"error: {tmp_path} has no config.json; --model needs a checkpoint directory "
-                             f"(config.json + *.safetensors + tokenizer.json)")
+    assert error_line(r) == (f"error: {tmp_path} has no config.json; a model directory is a checkpoint "
+                             f"(config.json + *.safetensors + tokenizer.json) or an ONNX export (manifest.json "
+                             f"+ model.onnx)")
     r = dsv4_cli("info", "--model", "pro", "--context", 0)
     assert r.exit_code == 2 and error_line(r) == "error: --context must be ≥ 1, got 0"
 
@@ -57,3 +58,20 @@ def test_bench_table_and_context_error(dsv4_cli, model_args, tiny_dir):
     assert "prefill" in r.stdout and "decode" in r.stdout and "peak RSS" in r.stdout
     r = dsv4_cli("bench", "--model", tiny_dir, "--context", 32, "-p", 40, "-g", 4)
     assert r.exit_code == 2 and error_line(r) == "error: --context 32 is too small for 40 + 4 tokens"
+
+
+def test_info_builds_the_schema_once(dsv4_cli, monkeypatch):
+    """`dsv4 info --model flash` used to rebuild the 69k-tensor schema ten times (4.5 s; Pro 78 s)."""
+    from dsv4.portable import checkpoint
+    calls = []
+    build = checkpoint._build_schema
+    monkeypatch.setattr(checkpoint, "_SCHEMAS", {})
+    monkeypatch.setattr(checkpoint, "_build_schema", lambda cfg: calls.append(cfg.hidden_size) or build(cfg))
+    flash = json_out(dsv4_cli("info", "--model", "flash", "--json"))
+    assert calls == [4096]
+    rows = {r["backend"]: r for r in flash["memory"]}
+    # the estimates follow the backends' holdings: FP8/FP4 kept on mlx and cuda (float32 scales there),
+    # every linear dense in an export
+    stored = sum(flash["weight_bytes"].values())
+    assert stored < rows["mlx"]["weights"] < 1.02 * stored < rows["cuda"]["weights"] < 5 * stored
+    assert rows["onnx"]["weights"] > 5 * stored

@@ -1,6 +1,6 @@
 """Brute-force float64 NumPy DeepSeek-V4 forward: an independent cross-check for the optimized graph.
 
-Written straight from the model spec (/work/shared/spec/model.md §2, §3, §4, §6, §7, §11, §12), on purpose
+Written straight from the model spec (docs/model-spec.md §2, §3, §4, §6, §7, §11, §12), on purpose
 without looking at the project's graph/ops/reference code.  Everything is deliberately naive:
 
 * float64 throughout, no QAT emulation (no FP8/FP4 rounding, no Hadamard rotation);

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from dsv4.portable.checkpoint import (INDEX_NAME, Checkpoint, CheckpointError, TensorSpec, save_safetensors,
+from dsv4.portable.checkpoint import (INDEX_NAME, NP_DTYPE, Checkpoint, CheckpointError, TensorSpec, save_safetensors,
                                       save_sharded, schema)
 from dsv4.portable.config import preset
 from dsv4.portable.quant import bf16_to_f32, f32_to_bf16, quantize_fp4, quantize_fp8_block
@@ -307,3 +307,90 @@ def test_bad_index(tmp_path, tiny_tensors):
         Checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         Checkpoint(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------- id tables (hash routing)
+def _with_tables(tmp_path, tiny_tensors, dtype, fill=None):
+    """The tiny tensors with every `tid2eid` table stored as `dtype` (values as given, or the originals)."""
+    tables = {n: (dtype, np.asarray(fill if fill is not None else a).astype(NP_DTYPE[dtype]))
+              for n, (_, a) in tiny_tensors.items() if n.endswith("tid2eid")}
+    assert tables
+    return _write(tmp_path, {**tiny_tensors, **tables}), sorted(tables)
+
+
+@pytest.mark.parametrize("dtype", ["I32", "U16", "I64", "U8"])
+def test_id_tables_of_any_integer_dtype_are_accepted(tmp_path, tiny_tensors, dtype):
+    path, names = _with_tables(tmp_path, tiny_tensors, dtype)
+    ck = Checkpoint(path)
+    ck.validate(TINY)
+    ids = ck.table(names[0], TINY.n_routed_experts)
+    assert ids.dtype == np.int64
+    np.testing.assert_array_equal(ids, tiny_tensors[names[0]][1])
+
+
+def test_id_tables_out_of_range_or_not_integer_are_one_clear_error(tmp_path, tiny_tensors):
+    table = tiny_tensors["layers.0.ffn.gate.tid2eid"][1].copy()
+    table[5, 1] = TINY.n_routed_experts                                         # one id too large
+    path, _ = _with_tables(tmp_path / "big", {**tiny_tensors, "layers.0.ffn.gate.tid2eid": ("I64", table)}, "I32")
+    msg = _errors(path)
+    assert (f"bad ids: layers.0.ffn.gate.tid2eid: 1 ids outside 0..{TINY.n_routed_experts - 1} (n_routed_experts "
+            f"is {TINY.n_routed_experts}), e.g. {TINY.n_routed_experts} at [5, 1]") in msg
+    with pytest.raises(CheckpointError, match=r"1 ids outside 0\.\.7"):
+        Checkpoint(path).table("layers.0.ffn.gate.tid2eid", TINY.n_routed_experts)
+    negative = tiny_tensors["layers.0.ffn.gate.tid2eid"][1] - 1                  # ids 0 → -1
+    path, _ = _with_tables(tmp_path / "neg", tiny_tensors, "I32", fill=negative)
+    assert "ids outside 0..7" in _errors(path) and ", e.g. -1 at" in _errors(path)
+    path, _ = _with_tables(tmp_path / "float", tiny_tensors, "F32")
+    assert "wrong dtype: layers.0.ffn.gate.tid2eid: expected an integer dtype, found F32" in _errors(path)
+
+
+def test_an_int32_table_checkpoint_loads_and_routes_as_the_int64_one(tmp_path, tiny_dir, rand_ids):
+    """A checkpoint saved by another tool (int32 `tid2eid`) loads on the reference and gives the same logits."""
+    import dsv4
+    ck = Checkpoint(tiny_dir)
+    tensors = {n: (ck.spec(n).dtype, np.array(ck.raw(n))) for n in ck.names()}
+    for n in tensors:
+        if n.endswith("tid2eid"):
+            tensors[n] = ("I32", tensors[n][1].astype(np.int32))
+    out = _write(tmp_path, tensors)
+    (out / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (out / "tokenizer.json").write_text((tiny_dir / "tokenizer.json").read_text())
+    ids = rand_ids(40, seed=4)
+    want = dsv4.load(tiny_dir, context=64).forward(ids)
+    got = dsv4.load(out, context=64).forward(ids)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+# ---------------------------------------------------------------------- roles and the schema cache
+def test_every_schema_tensor_has_one_role():
+    from dsv4.portable.checkpoint import EXPERTS, FP32, LINEAR, PLAIN, TABLE, weight_schema
+    for cfg in (TINY, preset("tiny2"), preset("flash")):
+        entries = weight_schema(cfg)
+        assert [t for e in entries.values() for t in e.tensors] == list(schema(cfg))
+        roles = {e.name: e.role for e in entries.values()}
+        assert roles["embed.weight"] == PLAIN and roles["head.weight"] == FP32
+        assert roles["layers.1.ffn.gate.weight"] == FP32 and roles["layers.1.attn.attn_sink"] == FP32
+        assert roles["layers.1.attn.wq_a.weight"] == LINEAR and roles["layers.1.ffn.experts."] == EXPERTS
+        assert roles["layers.0.ffn.gate.tid2eid"] == TABLE
+        bank = entries["layers.1.ffn.experts."]
+        assert bank.experts == cfg.n_routed_experts == len(bank.linears()) // 3
+        for e in entries.values():                   # a linear is exactly weight + scale pairs
+            if e.role in (LINEAR, EXPERTS):
+                assert [t.name for t in e.tensors] == [f"{p}.{k}" for p in e.linears() for k in ("weight", "scale")]
+            else:
+                assert len(e.tensors) == 1 and not e.linears()
+
+
+def test_the_schema_is_built_once_per_config(monkeypatch):
+    from dsv4.portable import checkpoint
+    calls = []
+    build = checkpoint._build_schema
+    monkeypatch.setattr(checkpoint, "_SCHEMAS", {})
+    monkeypatch.setattr(checkpoint, "_build_schema", lambda cfg: calls.append(cfg) or build(cfg))
+    flash = preset("flash")
+    first = checkpoint.weight_schema(flash)
+    assert checkpoint.weight_schema(preset("flash")) is first and checkpoint.schema(flash) is checkpoint.schema(flash)
+    flash.param_counts()
+    assert len(calls) == 1
+    checkpoint.schema(dataclasses.replace(flash, n_routed_experts=128))
+    assert len(calls) == 2

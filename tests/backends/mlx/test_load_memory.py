@@ -18,6 +18,8 @@ def status(key):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
 import dsv4, dsv4.backends.mlx  # imports (and their memory) before the baseline
+from dsv4.portable.encoding import Tokenizer
+Tokenizer.from_dir(sys.argv[1])   # load checks the tokenizer: a fixed cost, not the weights' (parsed once here)
 base = status("VmHWM")
 m = dsv4.load(sys.argv[1], backend="mlx", dtype="float32", context=64)
 print(json.dumps({"growth": status("VmHWM") - base, "held": m.runner.weights.nbytes()}))

@@ -1,4 +1,4 @@
-"""Loader for the spec vectors copied into tests/data (the project runs without ../shared)."""
+"""Loader for the encoding spec's test vectors, tests/data/encoding_vectors.json (see docs/encoding-spec.md)."""
 
 import json
 from pathlib import Path
