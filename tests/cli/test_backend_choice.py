@@ -4,7 +4,7 @@ there says, on one stderr line, that it will run on the CPU."""
 import itertools
 
 import pytest
-from cli_helpers import json_out
+from .cli_helpers import json_out
 
 from dsv4.cli import resolve
 

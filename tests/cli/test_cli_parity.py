@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from cli_helpers import error_line, json_out
+from .cli_helpers import error_line, json_out
 
 from dsv4.portable import runtime
 from dsv4.portable.install import install_command

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from cli_helpers import error_line
+from .cli_helpers import error_line
 
 from dsv4.cli.resolve import DEMO_NOTICE
 from dsv4.portable.install import install_command

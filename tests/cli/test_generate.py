@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from cli_helpers import error_line, json_out
+from .cli_helpers import error_line, json_out
 
 import dsv4
 from dsv4.cli.session import FIRST_PREFILL

@@ -1,6 +1,6 @@
 """`dsv4 info` and `dsv4 bench` on the tiny checkpoint, checked against the library's own numbers."""
 
-from cli_helpers import error_line, json_out
+from .cli_helpers import error_line, json_out
 
 from dsv4.portable.cache import state_bytes
 from dsv4.portable.checkpoint import Checkpoint

@@ -2,7 +2,7 @@
 when it does not go to a terminal."""
 
 import pytest
-from cli_helpers import error_line
+from .cli_helpers import error_line
 
 import dsv4
 from dsv4.cli.console import console

@@ -5,13 +5,13 @@ import json
 import shutil
 
 import pytest
-from cli_helpers import error_line, json_out
 from huggingface_hub import constants
 
 import dsv4
 from dsv4.portable.encoding import official_tokenizer_path
 
-REVISION = "89abcdef0123456789abcdef0123456789abcdef"
+from ..hf_cache import fake_hf_cache
+from .cli_helpers import error_line, json_out
 
 
 @pytest.fixture
@@ -21,16 +21,7 @@ def hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
-    def add(repo, ckpt_dir):
-        repo_dir = root / f"models--{repo.replace('/', '--')}"
-        snap = repo_dir / "snapshots" / REVISION
-        snap.mkdir(parents=True)
-        (repo_dir / "refs").mkdir()
-        (repo_dir / "refs" / "main").write_text(REVISION)
-        for f in ckpt_dir.iterdir():
-            (snap / f.name).symlink_to(f)
-        return snap
-    return add
+    return lambda repo, ckpt_dir: fake_hf_cache(root, ckpt_dir, repo)
 
 
 @pytest.fixture

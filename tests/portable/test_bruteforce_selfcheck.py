@@ -4,18 +4,13 @@ These only test properties the spec guarantees (causality, window, visibility of
 hash routing, finiteness); the numerical cross-check against the optimized graph lives elsewhere.
 """
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dsv4.portable.config import ModelConfig, preset
 
-import bruteforce as bf  # noqa: E402
-from bruteforce import bruteforce_logits, bruteforce_mtp_logits, random_weights  # noqa: E402
-
-from dsv4.portable.config import ModelConfig, preset  # noqa: E402
+from . import bruteforce as bf
+from .bruteforce import bruteforce_logits, bruteforce_mtp_logits, random_weights
 
 T_MAIN = 136          # ≥ 128: the HCA layers of `tiny` see one entry from position 127 on
 

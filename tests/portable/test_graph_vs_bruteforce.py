@@ -1,9 +1,6 @@
 """Correctness ladder step 2 for the oracle itself: the cached, chunked graph agrees with an independent
 brute-force implementation that recomputes every compressed entry per query (model spec §4.4 literally)."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -12,8 +9,7 @@ from dsv4.portable import quant
 from dsv4.portable.checkpoint import Checkpoint
 from dsv4.portable.tiny import ensure_tiny
 
-sys.path.insert(0, str(Path(__file__).parent))
-import bruteforce  # noqa: E402
+from . import bruteforce
 
 
 def dense_weights(path):

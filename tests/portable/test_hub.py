@@ -14,28 +14,14 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 import dsv4
 from dsv4.portable import hub
 
+from ..hf_cache import fake_hf_cache
+
 REPO = "dsv4-test/tiny"
-REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-
-def fake_hf_cache(root, ckpt_dir, repo=REPO):
-    """`root` laid out as huggingface_hub's cache holding `repo` at REVISION: refs/main names the
-    snapshot, whose files link to the checkpoint's."""
-    repo_dir = root / f"models--{repo.replace('/', '--')}"
-    snap = repo_dir / "snapshots" / REVISION
-    snap.mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(REVISION)
-    for f in ckpt_dir.iterdir():
-        (snap / f.name).symlink_to(f)
-    return snap
-
-
 @pytest.fixture
 def offline_cache(tmp_path, tiny_dir, monkeypatch):
     """This process sees `tmp_path/hub` as its HF cache (holding REPO) with HF_HUB_OFFLINE=1."""
     root = tmp_path / "hub"
-    snap = fake_hf_cache(root, tiny_dir)
+    snap = fake_hf_cache(root, tiny_dir, REPO)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return snap
@@ -92,13 +78,13 @@ def _fresh_python(code: str, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_the_environment_variables_are_honoured(tmp_path, tiny_dir):
-    snap = fake_hf_cache(tmp_path / "hub", tiny_dir)
+    snap = fake_hf_cache(tmp_path / "hub", tiny_dir, REPO)
     r = _fresh_python(f"import dsv4; print(dsv4.load({REPO!r}, context=64).path)",
                       {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(snap)
     home = tmp_path / "home"                               # HF_HOME/hub is the cache when HF_HUB_CACHE is unset
-    fake_hf_cache(home / "hub", tiny_dir)
+    fake_hf_cache(home / "hub", tiny_dir, REPO)
     r = _fresh_python(f"import dsv4; print(dsv4.load({REPO!r}, context=64).path)",
                       {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": None})
     assert r.returncode == 0, r.stderr

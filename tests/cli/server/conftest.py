@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from server_helpers import API_KEY, ScriptedModel, live  # noqa: E402
+from .server_helpers import API_KEY, ScriptedModel, live  # noqa: E402
 
 import dsv4  # noqa: E402
 from dsv4.cli.server import build_app  # noqa: E402

@@ -1,6 +1,6 @@
 """Anthropic Messages on the demo model, driven by the official `anthropic` client."""
 
-from server_helpers import anthropic_prompt, random_text
+from .server_helpers import anthropic_prompt, random_text
 
 
 def test_messages_non_streaming_and_streaming_agree(demo_server, demo_model, anthropic_client):

@@ -6,7 +6,7 @@ import time
 
 import httpx
 import pytest
-from server_helpers import API_KEY, ScriptedModel, live, random_text
+from .server_helpers import API_KEY, ScriptedModel, live, random_text
 
 from dsv4.cli.server import build_app
 

@@ -5,7 +5,7 @@ import time
 
 import httpx
 
-from server_helpers import API_KEY, openai_prompt, random_text
+from .server_helpers import API_KEY, openai_prompt, random_text
 
 
 def _chat_request(text, **kw):

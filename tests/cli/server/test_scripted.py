@@ -6,7 +6,7 @@ server must detokenize, parse and serialize them for each client without leaking
 import json
 import random
 
-from server_helpers import anthropic_prompt, openai_prompt, random_text
+from .server_helpers import anthropic_prompt, openai_prompt, random_text
 
 from dsv4.portable.encoding.tokens import DSML
 

@@ -4,7 +4,7 @@ import pytest
 
 from dsv4.portable.encoding import Tokenizer, build_test_tokenizer, load_tokenizer
 
-from encoding_data import load_vectors
+from .encoding_data import load_vectors
 
 
 @pytest.fixture(scope="session")

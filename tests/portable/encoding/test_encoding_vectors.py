@@ -5,7 +5,7 @@ import pytest
 from dsv4.portable.encoding import ParseError, encode_messages, parse_completion, render_prompt
 from dsv4.portable.encoding.tokens import ASSISTANT, BOS, EOS, THINK_CLOSE, THINK_OPEN, USER
 
-from encoding_data import load_vectors
+from .encoding_data import load_vectors
 
 VECTORS = load_vectors()
 # Reference bugs/quirks we deliberately do not replicate (see the encoder's module docstring);

@@ -10,10 +10,8 @@ Public API (stable; see README):
     model.config, model.tokenizer
 """
 
-# Absolute imports on purpose: test runners may import this file from the source tree under another
-# module name (the checkout folder is the package root), and must still reach the installed `dsv4`.
-from dsv4.portable.config import ConfigError, ModelConfig, preset
-from dsv4.portable.runtime import BackendError, ContextError, Model, backend_names, load, register_backend
+from .portable.config import ConfigError, ModelConfig, preset
+from .portable.runtime import BackendError, ContextError, Model, backend_names, load, register_backend
 
 __all__ = ["load", "Model", "ModelConfig", "preset", "register_backend", "backend_names",
            "ConfigError", "BackendError", "ContextError"]

@@ -6,8 +6,7 @@ Every name of `dsv4.portable.encoding.__all__` (its docstring lists them); docs/
 format they implement.
 """
 
-# Absolute imports, as in the package's __init__.py (the checkout folder is the package root).
-from dsv4.portable import encoding as _encoding
-from dsv4.portable.encoding import *  # noqa: F403 (exactly _encoding.__all__)
+from .portable import encoding as _encoding
+from .portable.encoding import *  # noqa: F403 (exactly _encoding.__all__)
 
 __all__ = list(_encoding.__all__)
