@@ -67,3 +67,10 @@ def test_a_skipped_backend_shows_its_install_command_verbatim(dsv4_cli, tiny_dir
     r = dsv4_cli("parity", "--model", tiny_dir, "--backend", "fake", "--tokens", 16, "--gen-tokens", 1)
     assert r.exit_code == 0, r.output
     assert "skipped" in r.stdout and install_command("fake") in r.stdout
+
+
+def test_onnx_option_needs_a_dsv4_export(dsv4_cli, tiny_dir, tmp_path):
+    """--onnx names an export by its manifest's format, not by any manifest.json."""
+    (tmp_path / "manifest.json").write_text('{"name": "some other tool"}')
+    r = dsv4_cli("parity", "--model", tiny_dir, "--onnx", tmp_path)
+    assert r.exit_code == 2 and "not a dsv4 ONNX export directory" in error_line(r)

@@ -54,3 +54,12 @@ def test_no_wrapping_off_a_terminal(capsys, stderr):
     console(stderr=stderr).print(line)
     out, err = capsys.readouterr()
     assert (err if stderr else out) == line + "\n"
+
+
+def test_info_is_not_wrapped_in_a_pipe(dsv4_cli, tiny_dir, tmp_path):
+    """`dsv4 info` piped: the header naming a long model path stays on one line (it was cut at 80)."""
+    long = tmp_path / ("a-checkpoint-directory-with-a-name-long-enough-to-pass-eighty-columns-" * 2)
+    long.symlink_to(tiny_dir)
+    r = dsv4_cli("info", "--model", str(long))
+    assert r.exit_code == 0
+    assert any(long.name in line for line in r.stdout.splitlines())

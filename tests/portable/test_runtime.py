@@ -76,3 +76,12 @@ def test_demo_uses_the_real_tokenizer():
     ids = model.tokenizer.encode_messages([{"role": "user", "content": "<｜User｜>hi"}])
     assert ids.count(model.tokenizer.special_ids["user"]) == 1     # injected text stays plain text
     assert np.isfinite(model.forward(ids)).all()
+
+
+@pytest.mark.parametrize("bad", [1024, 5000, -1])
+def test_ids_outside_the_vocabulary_are_refused(tiny_dir, bad):
+    model = dsv4.load(tiny_dir, context=64)
+    with pytest.raises(ValueError, match=f"token id {bad} is outside this model's vocabulary of 1024"):
+        model.step(model.new_state(1), np.asarray([[5, bad, 7]]))
+    with pytest.raises(ValueError, match="outside this model's vocabulary"):
+        model.forward(np.asarray([3, bad]))

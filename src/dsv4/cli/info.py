@@ -23,6 +23,7 @@ from ..portable.config import PRESETS, ModelConfig, preset
 from ..portable.runtime import backend_names
 from . import options as opt
 from .errors import EXIT_USAGE, CliError
+from .console import console
 from .resolve import (SYNTHETIC, available_memory, backend_available, converted_backend, estimate_memory,
                       human_bytes, model_config, model_dir, pick_dtype, resolve_context)
 
@@ -169,4 +170,4 @@ def info(model: opt.Model = None, context: opt.Context = None,
     if json_out:
         sys.stdout.write(json.dumps(data) + "\n")
         return
-    render(data, Console(highlight=False))
+    render(data, console())

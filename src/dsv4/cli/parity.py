@@ -33,6 +33,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..portable.install import install_command
+from ..portable.layout import is_export
 from ..portable.runtime import BackendError, backend_names, get_backend
 from . import options as opt
 from .console import console
@@ -229,8 +230,9 @@ def parity(
     if tokens < 16:
         raise CliError(f"--tokens must be ≥ 16, got {tokens}", EXIT_USAGE)
     opt.check_positive("--gen-tokens", gen_tokens)
-    if onnx is not None and not (onnx / "manifest.json").is_file():
-        raise CliError(f"--onnx {onnx}: not an ONNX export directory (no manifest.json)", EXIT_USAGE)
+    if onnx is not None and not is_export(onnx):
+        raise CliError(f"--onnx {onnx}: not a dsv4 ONNX export directory (no dsv4 export manifest.json)",
+                       EXIT_USAGE)
     path = model_dir(model)
     err = console(stderr=True)
     if is_demo(model_config(path)):

@@ -26,13 +26,13 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rich.console import Console
 
 from ..portable import cache
 from ..portable.config import PRESETS, ModelConfig, preset
 from ..portable.layout import MANIFEST, backend_of, is_export
 from ..portable.runtime import (SYNTHETIC, BackendError, ContextError, backend_names, context_for,
                                 default_state_format, get_backend, resolve_path)
+from .console import console
 from .errors import EXIT_BACKEND, EXIT_MEMORY, EXIT_MODEL, EXIT_USAGE, CliError, as_cli_error
 from .progress import progress_bar
 
@@ -45,7 +45,6 @@ DEMO_NOTICE = ("note: the demo model has random weights (the V4 architecture at 
                "tokenizer), so its text is gibberish; pass --model DIR for a real checkpoint")
 _ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2}
 
-stderr = Console(stderr=True, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -80,7 +79,7 @@ def is_demo(cfg: ModelConfig) -> bool:
 def build_synthetic(name: str) -> Path:
     """`ensure_tiny(name)` with a progress bar on stderr while it builds (only the first time)."""
     from ..portable.tiny import ensure_tiny
-    with progress_bar(f"building the {name} model (once)", stderr, units="count", transient=True) as progress:
+    with progress_bar(f"building the {name} model (once)", console(stderr=True), units="count", transient=True) as progress:
         return ensure_tiny(name, progress=progress)
 
 
@@ -128,7 +127,7 @@ def pick_backend(name: str, path: Path) -> str:
                            f"(or --backend auto)", EXIT_BACKEND)
         get_backend(name)
         if name == "cuda" and not gpu_visible():
-            stderr.print("warning: no CUDA GPU is visible, so the cuda backend runs torch on the CPU (slow); "
+            console(stderr=True).print("warning: no CUDA GPU is visible, so the cuda backend runs torch on the CPU (slow); "
                          "--backend auto picks the fastest backend here", style="yellow", markup=False,
                          soft_wrap=True)
         return name
@@ -276,8 +275,8 @@ def load_model(model: str | None, backend: str = "auto", dtype: str = "auto", co
     ctx = resolve_context(cfg, context)
     check_memory(estimate_memory(cfg, path, name, dt, ctx), name, force)
     if is_demo(cfg) and not quiet:
-        stderr.print(DEMO_NOTICE, style="yellow", soft_wrap=True)
-    with progress_bar(f"loading {path.name} on {name} ({dt})", stderr, transient=True) as progress:
+        console(stderr=True).print(DEMO_NOTICE, style="yellow", soft_wrap=True)
+    with progress_bar(f"loading {path.name} on {name} ({dt})", console(stderr=True), transient=True) as progress:
         try:
             return dsv4.load(path, backend=name, dtype=dt, context=ctx, progress=progress)
         except ValueError as e:               # also a dtype the backend lacks, an unreadable converted dir…

@@ -145,6 +145,16 @@ class Model:
             raise ContextError(f"{n} tokens exceed this model's context of {self.context} tokens "
                                f"(load with a larger context=, at most {self.config.max_position_embeddings})")
 
+    def check_ids(self, ids) -> np.ndarray:
+        """ids as int64, refused (one line) when an id is outside the model's vocabulary: a backend would
+        index past its embedding (MLX does not bounds-check gathers)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        v = self.config.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= v):
+            bad = int(ids[(ids < 0) | (ids >= v)].flat[0])
+            raise ValueError(f"token id {bad} is outside this model's vocabulary of {v} ids (0..{v - 1})")
+        return ids
+
     def new_state(self, batch: int = 1):
         """A fresh state holding no tokens; its memory grows with the tokens fed, up to `context`."""
         return self.runner.new_state(batch)
@@ -153,7 +163,7 @@ class Model:
         """Feed ids [B,S] to `state`, which is updated in place (it is also returned, so `logits, state =
         model.step(state, ids)` reads naturally); returns (logits [B,S,V] float32, state).  Fork a state
         first (`fork_state`) to keep the old one."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = self.check_ids(ids)
         self.check_length(self.runner.position(state) + ids.shape[1])
         logits, _ = self.runner.step(state, ids)
         return logits.astype(np.float32), state
@@ -171,7 +181,7 @@ class Model:
     def forward(self, ids, chunk: int | None = None, full_precision: bool = False):
         """Logits for every position of ids ([S] or [B,S]) from a fresh state, float32 NumPy (or the
         backend's compute precision with `full_precision`, e.g. float64 for the oracle)."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = self.check_ids(ids)
         single = ids.ndim == 1
         ids2 = ids[None] if single else ids
         self.check_length(ids2.shape[1])
@@ -187,8 +197,8 @@ class Model:
 
     def mtp_forward(self, ids, ids_next):
         """MTP logits [S,V] for main ids [S] and the next-token ids [S] (from fresh states)."""
-        ids = np.asarray(ids, dtype=np.int64)[None]
-        nxt = np.asarray(ids_next, dtype=np.int64)[None]
+        ids = self.check_ids(ids)[None]
+        nxt = self.check_ids(ids_next)[None]
         self.check_length(ids.shape[1])
         _, streams = self.runner.step(self.new_state(1), ids)
         logits = self.runner.mtp_step(self.runner.new_mtp_state(1), streams, nxt)
