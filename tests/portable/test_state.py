@@ -177,3 +177,8 @@ def test_codecs_round_trip_to_the_emulation_roundings():
     np.testing.assert_array_equal(o.decode_fp4(*o.encode_fp4(x, 32), 32), quant.act_fp4_round(x, 32))
     h = quant.hadamard(128)
     np.testing.assert_allclose(o.rotate_fp4(x), quant.act_fp4_round(x @ h, 32), rtol=0, atol=1e-6)
+
+
+def test_an_unknown_state_format_is_refused_at_load(tiny_dir):
+    with pytest.raises(ValueError, match="unknown state format 'fp3'; use 'bf16' or 'deploy'"):
+        dsv4.load(tiny_dir, context=64, state_format="fp3")

@@ -20,11 +20,12 @@ from rich.table import Table
 from ..backends import catalog
 from ..portable.cache import bytes_per_token, state_bytes
 from ..portable.config import PRESETS, ModelConfig, preset
+from ..portable.layout import backend_of
 from ..portable.runtime import backend_names
 from . import options as opt
-from .errors import EXIT_USAGE, CliError
 from .console import console
-from .resolve import (SYNTHETIC, available_memory, backend_available, converted_backend, estimate_memory,
+from .errors import EXIT_USAGE, CliError
+from .resolve import (SYNTHETIC, available_memory, backend_available, estimate_memory,
                       human_bytes, model_config, model_dir, pick_dtype, resolve_context)
 
 FORMAT_NAMES = {"F8_E4M3": "FP8 e4m3", "I8": "FP4 e2m1 (packed)", "F8_E8M0": "E8M0 scales", "U8": "uint8",
@@ -75,7 +76,7 @@ def collect(model: str | None, context: int | None) -> dict:
     ctx = resolve_context(cfg, context)
     counts = cfg.param_counts()
     weights = weight_bytes_by_dtype(cfg, path)
-    fmt_backend = converted_backend(path) if path is not None else None
+    fmt_backend = backend_of(path) if path is not None else None
     memory = []
     for b in backend_names():
         usable = fmt_backend in (None, b)

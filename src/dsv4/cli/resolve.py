@@ -79,17 +79,13 @@ def is_demo(cfg: ModelConfig) -> bool:
 def build_synthetic(name: str) -> Path:
     """`ensure_tiny(name)` with a progress bar on stderr while it builds (only the first time)."""
     from ..portable.tiny import ensure_tiny
-    with progress_bar(f"building the {name} model (once)", console(stderr=True), units="count", transient=True) as progress:
+    err = console(stderr=True)
+    with progress_bar(f"building the {name} model (once)", err, units="count", transient=True) as progress:
         return ensure_tiny(name, progress=progress)
 
 
 def model_config(path: Path) -> ModelConfig:
     return ModelConfig.from_file(path)
-
-
-def converted_backend(path: Path) -> str | None:
-    """The backend a directory was converted or exported for (None: the official layout)."""
-    return backend_of(path)
 
 
 # -------------------------------------------------------------------------------------------- backend
@@ -120,16 +116,16 @@ def pick_backend(name: str, path: Path) -> str:
     """The concrete backend for `--backend` (validated: unknown or missing ones raise BackendError)."""
     if name not in BACKEND_CHOICES:
         raise CliError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}", EXIT_BACKEND)
-    own = converted_backend(path)
+    own = backend_of(path)
     if name != "auto":
         if own is not None and own != name:
             raise CliError(f"{path} was converted for the {own} backend; use --backend {own} "
                            f"(or --backend auto)", EXIT_BACKEND)
         get_backend(name)
         if name == "cuda" and not gpu_visible():
-            console(stderr=True).print("warning: no CUDA GPU is visible, so the cuda backend runs torch on the CPU (slow); "
-                         "--backend auto picks the fastest backend here", style="yellow", markup=False,
-                         soft_wrap=True)
+            console(stderr=True).print("warning: no CUDA GPU is visible, so the cuda backend runs torch on the "
+                                       "CPU (slow); --backend auto picks the fastest backend here",
+                                       style="yellow", markup=False, soft_wrap=True)
         return name
     if own is not None:
         get_backend(own)
@@ -165,7 +161,7 @@ def weight_bytes_by_dtype(cfg: ModelConfig, path: Path | None) -> dict:
     """Stored bytes per safetensors dtype: from the checkpoint's headers, or the schema without one."""
     from ..portable.checkpoint import Checkpoint, schema
     specs = schema(cfg)
-    if path is not None and converted_backend(path) != "onnx":
+    if path is not None and backend_of(path) != "onnx":
         try:
             ckpt = Checkpoint(path)
             specs = [ckpt.spec(n) for n in ckpt.names()]
@@ -274,9 +270,10 @@ def load_model(model: str | None, backend: str = "auto", dtype: str = "auto", co
     dt = pick_dtype(dtype, name)
     ctx = resolve_context(cfg, context)
     check_memory(estimate_memory(cfg, path, name, dt, ctx), name, force)
+    err = console(stderr=True)
     if is_demo(cfg) and not quiet:
-        console(stderr=True).print(DEMO_NOTICE, style="yellow", soft_wrap=True)
-    with progress_bar(f"loading {path.name} on {name} ({dt})", console(stderr=True), transient=True) as progress:
+        err.print(DEMO_NOTICE, style="yellow", soft_wrap=True)
+    with progress_bar(f"loading {path.name} on {name} ({dt})", err, transient=True) as progress:
         try:
             return dsv4.load(path, backend=name, dtype=dt, context=ctx, progress=progress)
         except ValueError as e:               # also a dtype the backend lacks, an unreadable converted dir…

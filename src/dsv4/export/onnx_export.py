@@ -62,15 +62,14 @@ def _record(cfg: ModelConfig, data: ExternalData, dtype: str, mtp: bool, streams
     b, s = g.dim_of(ids, 0), g.dim_of(ids, 1)
     ids.shape = (b, s)
     io = {"inputs": {"ids": "input_ids"}, "outputs": {"logits": "logits"}}
-    spec_of = cache.mtp_state_spec if mtp else cache.state_spec
-    entries = state_entries(cfg, spec_of(cfg, 1, CAPACITY_MULTIPLE))
+    entries = state_entries(cfg, cache.spec_for(cfg, 1, CAPACITY_MULTIPLE, mtp=mtp))
     types = [INT64 if e["dtype"] == "int64" else FLOAT for e in entries]
     for e, t in zip(entries, types):
         g.add_input(e["input"], t, e["shape"])
     capacity = _capacity(g, cfg, entries)
-    specs = spec_of(cfg, b, capacity)                       # shapes in Dims: (b, C // m + 1, ...) where they grow
+    specs = cache.spec_for(cfg, b, capacity, mtp=mtp)       # shapes in Dims: (b, C // m + 1, ...) where they grow
     bufs = {sp.name: Sym(g, e["input"], sp.shape, t) for sp, e, t in zip(specs, entries, types)}
-    state = cache.State(cfg, specs, bufs, capacity, "bf16", mtp)
+    state = cache.State(cfg, bufs, capacity, "bf16", mtp)
     if mtp:
         g.add_input("hidden_streams", FLOAT, ["batch", "seq", hc, dim])
         io["inputs"]["streams"] = "hidden_streams"

@@ -89,14 +89,15 @@ def _layer_buffers(cfg: ModelConfig, layer: int, key: str, batch: int, capacity:
     return out
 
 
-def _check_fmt(fmt: str) -> None:
+def check_format(fmt: str) -> None:
+    """Refuse a state format other than "bf16" and "deploy" (one message for the API and the schema)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown state format {fmt!r}; use 'bf16' or 'deploy'")
 
 
 def state_spec(cfg: ModelConfig, batch: int, capacity: int, fmt: str = "bf16") -> list[Buffer]:
     """Buffers of the main model's state, in a stable order (also the ONNX state IO order)."""
-    _check_fmt(fmt)
+    check_format(fmt)
     out = [Buffer("start", (batch,), "int")]
     for layer in range(cfg.num_hidden_layers):
         out += _layer_buffers(cfg, layer, f"L{layer}", batch, capacity, fmt)
@@ -104,9 +105,14 @@ def state_spec(cfg: ModelConfig, batch: int, capacity: int, fmt: str = "bf16") -
 
 
 def mtp_state_spec(cfg: ModelConfig, batch: int, capacity: int, fmt: str = "bf16") -> list[Buffer]:
-    _check_fmt(fmt)
+    check_format(fmt)
     return [Buffer("start", (batch,), "int")] + _layer_buffers(cfg, cfg.num_hidden_layers, "mtp", batch,
                                                                capacity, fmt)
+
+
+def spec_for(cfg: ModelConfig, batch: int, capacity: int, fmt: str = "bf16", mtp: bool = False) -> list[Buffer]:
+    """The buffers of the main model's state, or of the MTP block's (`mtp`)."""
+    return (mtp_state_spec if mtp else state_spec)(cfg, batch, capacity, fmt)
 
 
 # ---------------------------------------------------------------------- the state object and its views
@@ -193,15 +199,15 @@ class State:
     ONNX IO names), the storage format and the capacity in tokens they are sized for.  A step updates a
     state in place; `fork` gives an independent copy."""
 
-    def __init__(self, cfg: ModelConfig, specs: list, buffers: dict, capacity: int, fmt: str, mtp: bool = False):
-        self.cfg, self.specs, self.buffers = cfg, specs, buffers
+    def __init__(self, cfg: ModelConfig, buffers: dict, capacity: int, fmt: str, mtp: bool = False):
+        self.cfg, self.buffers = cfg, buffers
         self.capacity, self.fmt, self.mtp = capacity, fmt, mtp
 
     @classmethod
     def new(cls, o, cfg: ModelConfig, batch: int, capacity: int, fmt: str = "bf16", mtp: bool = False):
         """A fresh state (all zeros: this is the per-sequence reset, nothing survives an earlier sequence)."""
-        specs = (mtp_state_spec if mtp else state_spec)(cfg, batch, capacity, fmt)
-        return cls(cfg, specs, {b.name: o.state_buffer(b.shape, b.kind) for b in specs}, capacity, fmt, mtp)
+        bufs = {b.name: o.state_buffer(b.shape, b.kind) for b in spec_for(cfg, batch, capacity, fmt, mtp)}
+        return cls(cfg, bufs, capacity, fmt, mtp)
 
     # ------------------------------------------------------------------ access
     @property
@@ -214,7 +220,12 @@ class State:
 
     @property
     def batch(self) -> int:
-        return self.specs[0].shape[0]
+        return self.buffers["start"].shape[0]
+
+    @property
+    def specs(self) -> list:
+        """The `Buffer`s of this state's batch, capacity and format (`spec_for`)."""
+        return spec_for(self.cfg, self.batch, self.capacity, self.fmt, self.mtp)
 
     def layer(self, layer: int) -> LayerState:
         return LayerState(self, self.cfg, layer, "mtp" if self.mtp else f"L{layer}")
@@ -234,8 +245,7 @@ class State:
     # ------------------------------------------------------------------ lifetime
     def fork(self, o) -> "State":
         """An independent copy: the parent and the fork evolve separately (cost ∝ capacity ≈ tokens held)."""
-        return State(self.cfg, self.specs, {k: o.copy(v) for k, v in self.buffers.items()}, self.capacity,
-                     self.fmt, self.mtp)
+        return State(self.cfg, {k: o.copy(v) for k, v in self.buffers.items()}, self.capacity, self.fmt, self.mtp)
 
     def reserve(self, o, tokens: int, limit: int | None = None) -> None:
         """Grow the entry buffers (in this object) so `tokens` tokens fit; a no-op when they already do."""
@@ -247,14 +257,13 @@ class State:
         """Re-size the entry buffers to `capacity` tokens, keeping every row held (capacity ≥ tokens held)."""
         if capacity == self.capacity:
             return
-        specs = (mtp_state_spec if self.mtp else state_spec)(self.cfg, self.batch, capacity, self.fmt)
-        for b in specs:
+        for b in spec_for(self.cfg, self.batch, capacity, self.fmt, self.mtp):
             old = self.buffers[b.name]
             if b.grows and old.shape[1] != b.shape[1]:
                 keep = min(old.shape[1], b.shape[1]) - 1                     # rows without the spill row
                 pad = o.state_buffer((b.shape[0], b.shape[1] - keep) + tuple(b.shape[2:]), b.kind)
                 self.buffers[b.name] = o.concat([old[:, :keep], pad], 1)
-        self.specs, self.capacity = specs, capacity
+        self.capacity = capacity
 
 
 def stack(o, states: list) -> State:
@@ -263,25 +272,20 @@ def stack(o, states: list) -> State:
     for s in states:
         s.resize(o, cap)
     first = states[0]
-    specs = (mtp_state_spec if first.mtp else state_spec)(first.cfg, len(states), cap, first.fmt)
     bufs = {k: o.concat([s.buffers[k] for s in states], 0) for k in first.buffers}
-    return State(first.cfg, specs, bufs, cap, first.fmt, first.mtp)
+    return State(first.cfg, bufs, cap, first.fmt, first.mtp)
 
 
 def split(o, state: State) -> list:
     """Batch-1 states from a batched one (each an independent copy)."""
-    out = []
-    for i in range(state.batch):
-        bufs = {k: o.copy(v[i:i + 1]) for k, v in state.buffers.items()}
-        specs = (mtp_state_spec if state.mtp else state_spec)(state.cfg, 1, state.capacity, state.fmt)
-        out.append(State(state.cfg, specs, bufs, state.capacity, state.fmt, state.mtp))
-    return out
+    return [State(state.cfg, {k: o.copy(v[i:i + 1]) for k, v in state.buffers.items()}, state.capacity,
+                  state.fmt, state.mtp) for i in range(state.batch)]
 
 
 # ---------------------------------------------------------------------- byte counts (model spec §5)
 def _entry_bytes(width: int, rope: int, fmt: str, indexer: bool) -> float:
     """Bytes of one stored latent entry of `width` dims in storage format `fmt`."""
-    _check_fmt(fmt)
+    check_format(fmt)
     if fmt == "bf16":
         return 2 * width
     if indexer:                                   # FP4 e2m1 + one E8M0 scale per 32 values

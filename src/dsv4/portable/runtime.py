@@ -90,8 +90,7 @@ class GraphRunner(StateRunner):
     """Runs `portable.graph` eagerly on an `Ops` instance with a weight store."""
 
     def __init__(self, cfg: ModelConfig, ops, weights, state_format: str = "bf16"):
-        if state_format not in cache.FORMATS:
-            raise ValueError(f"state_format must be one of {', '.join(cache.FORMATS)}, got {state_format!r}")
+        cache.check_format(state_format)
         self.cfg, self.ops, self.weights, self.state_format = cfg, ops, weights, state_format
         self.limit: int | None = None          # the model's context (set by `Model`): the largest capacity
 
@@ -233,22 +232,18 @@ def resolve_path(path_or_preset) -> Path:
                             f"repo id such as deepseek-ai/DeepSeek-V4-Flash, or demo for the built-in demo model)")
 
 
-def check_layout(path: Path, backend: str) -> None:
-    """Refuse a directory that is no model (`layout.backend_of`) or was written for another backend.  A
-    backend that reads the directory itself (the ONNX runner: manifest, graphs, data) checks it itself."""
+def check_layout(path: Path, backend: str) -> str | None:
+    """Refuse a directory that is no model (`layout.backend_of`) or was written for another backend;
+    returns the backend a converter wrote it for (None: the official layout).  A backend that reads the
+    directory itself (the ONNX runner: manifest, graphs, data) checks it itself."""
     if backend in _READS_DIRECTORY:
-        return
+        return None
     own = backend_of(path)
     if own is not None and own != backend:
         raise BackendError(f"{path} was {'exported' if own == 'onnx' else 'converted'} for backend {own!r}; "
                            f"load it with backend={own!r}" + ("" if own == "onnx" else
                                                               ", or load the original checkpoint"))
-
-
-def converted_for(path: Path, backend: str) -> bool:
-    """True for a directory written by `backend`'s converter (config.json carries `dsv4_format: {"backend":
-    name, ...}`): its tensors follow that backend's own layout, which the backend checks as it loads."""
-    return backend_of(path) == backend
+    return own
 
 
 def context_for(cfg: ModelConfig, context: int | None, default: int = DEFAULT_CONTEXT) -> int:
@@ -298,18 +293,17 @@ def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emu
     from .checkpoint import Checkpoint
     make_runner = get_backend(backend)
     path = resolve_path(path_or_preset)
-    check_layout(path, backend)
+    converted = check_layout(path, backend) is not None     # tensors in the backend's own layout
     cfg = ModelConfig.from_file(path)
     ctx = context_for(cfg, context)
     tokenizer = own_tokenizer(path, cfg)
     fmt = state_format or default_state_format(backend, dtype)
-    if fmt not in cache.FORMATS:
-        raise ValueError(f"state_format must be one of {', '.join(cache.FORMATS)}, got {fmt!r}")
+    cache.check_format(fmt)
     if backend in _READS_DIRECTORY:
         runner = make_runner(cfg, path, dtype=dtype, emulate=emulate, state_format=fmt, **backend_options)
     else:
         ckpt = Checkpoint(path)
-        if validate and not converted_for(path, backend):
+        if validate and not converted:
             ckpt.validate(cfg)
         ckpt.watch(progress)
         runner = make_runner(cfg, ckpt, dtype=dtype, emulate=emulate, state_format=fmt, **backend_options)

@@ -40,8 +40,8 @@ def test_bfloat16_state_storage_is_lossless(tiny_dir, rand_ids, fmt):
     ids = rand_ids(156, seed=_seed())
     m.step(st, ids[None, :150])                           # crosses the window and a ratio-128 block
     for i in range(150, 156):
-        wide = cache.State(st.cfg, st.specs, {k: v.float() if v.dtype == torch.bfloat16 else v.clone()
-                                              for k, v in st.items()}, st.capacity, st.fmt)
+        wide = cache.State(st.cfg, {k: v.float() if v.dtype == torch.bfloat16 else v.clone()
+                                    for k, v in st.items()}, st.capacity, st.fmt)
         logits, _ = m.step(st, ids[None, i:i + 1])
         logits_w, _ = m.step(wide, ids[None, i:i + 1])
         assert np.array_equal(logits, logits_w)

@@ -49,22 +49,22 @@ class MlxRunner(GraphRunner):
         return graph.mtp_forward(o, self.weights, self.cfg, state, streams, ids), None
 
     def _compiled_step(self, mtp: bool, capacity: int):
-        """The compiled single-token step for one capacity bucket: (ids, [streams], *buffers) →
-        (logits, streams, *new buffers), buffers in `state_spec` order."""
+        """The compiled single-token step for one capacity bucket and the buffer names it takes, in
+        `state_spec` order: (ids, [streams], *buffers) → (logits, streams, *new buffers)."""
         key = (mtp, capacity)
         if key not in self._compiled:
             fmt, cfg = self.state_format, self.cfg
+            names = [b.name for b in cache.spec_for(cfg, 1, capacity, fmt, mtp)]
 
             def step(ids, *arrays):
                 self.traces += 1
                 streams, bufs = (arrays[0], arrays[1:]) if mtp else (None, arrays)
-                specs = (cache.mtp_state_spec if mtp else cache.state_spec)(cfg, ids.shape[0], capacity, fmt)
-                state = cache.State(cfg, specs, dict(zip([b.name for b in specs], bufs)), capacity, fmt, mtp)
+                state = cache.State(cfg, dict(zip(names, bufs)), capacity, fmt, mtp)
                 with self._tracing():
                     logits, h = self._graph(state, ids, streams)
-                return (logits, logits if h is None else h) + tuple(state.buffers[b.name] for b in specs)
+                return (logits, logits if h is None else h) + tuple(state.buffers[n] for n in names)
 
-            self._compiled[key] = mx.compile(step)
+            self._compiled[key] = (mx.compile(step), names)
         return self._compiled[key]
 
     @contextmanager
@@ -82,8 +82,7 @@ class MlxRunner(GraphRunner):
     def _chunk(self, state: cache.State, ids: mx.array, streams=None):
         """Run one chunk on `state` (updated in place) and evaluate it; returns (logits, streams)."""
         if self.compile and ids.shape[1] == 1:
-            fn = self._compiled_step(streams is not None, state.capacity)
-            names = [b.name for b in state.specs]
+            fn, names = self._compiled_step(streams is not None, state.capacity)
             args = [ids] + ([] if streams is None else [streams]) + [state.buffers.pop(n) for n in names]
             out = fn(*args)
             del args                                   # the old buffers live on only in the graph (donated)
