@@ -75,3 +75,9 @@ def test_info_builds_the_schema_once(dsv4_cli, monkeypatch):
     stored = sum(flash["weight_bytes"].values())
     assert stored < rows["mlx"]["weights"] < 1.02 * stored < rows["cuda"]["weights"] < 5 * stored
     assert rows["onnx"]["weights"] > 5 * stored
+
+
+def test_info_check_passes_a_healthy_checkpoint(dsv4_cli, tiny_dir):
+    """`--check` scans the values and the tokenizer; a sound checkpoint has nothing to report."""
+    out = json_out(dsv4_cli("info", "--model", tiny_dir, "--check", "--json"))
+    assert out["problems"] == [] and out["format"] == "official"

@@ -220,7 +220,7 @@ def test_missing_tensor(tmp_path, tiny_tensors):
     t = dict(tiny_tensors)
     del t["layers.1.attn.indexer.compressor.ape"]
     msg = _errors(_write(tmp_path, t))
-    assert "(1 problems)" in msg
+    assert msg.startswith(f"checkpoint {tmp_path}: 1 problem:\n")
     assert "missing: layers.1.attn.indexer.compressor.ape (expected F32 [4, 256])" in msg
     with pytest.raises(CheckpointError, match=r"'layers\.1\.attn\.indexer\.compressor\.ape' is not in"):
         Checkpoint(tmp_path).raw("layers.1.attn.indexer.compressor.ape")
@@ -229,7 +229,7 @@ def test_missing_tensor(tmp_path, tiny_tensors):
 def test_extra_tensor(tmp_path, tiny_tensors):
     t = dict(tiny_tensors, **{"layers.6.attn_norm.weight": ("BF16", f32_to_bf16(np.ones(256, np.float32)))})
     msg = _errors(_write(tmp_path, t))
-    assert "unexpected: layers.6.attn_norm.weight (BF16 [256])" in msg and "(1 problems)" in msg
+    assert "unexpected: layers.6.attn_norm.weight (BF16 [256])" in msg and ": 1 problem:" in msg
 
 
 def test_wrong_shape(tmp_path, tiny_tensors):
@@ -250,7 +250,7 @@ def test_many_problems_in_one_error(tmp_path, tiny_tensors):
                               "norm.weight": ("BF16", f32_to_bf16(np.ones(3, np.float32)))})
     del t["head.weight"]
     msg = _errors(_write(tmp_path, t))
-    assert "(3 problems)" in msg
+    assert msg.startswith(f"checkpoint {tmp_path}: 3 problems:\n") and len(msg.splitlines()) == 4
     assert all(s in msg for s in ("missing: head.weight", "unexpected: extra", "wrong shape: norm.weight"))
 
 
@@ -394,3 +394,106 @@ def test_the_schema_is_built_once_per_config(monkeypatch):
     assert len(calls) == 1
     checkpoint.schema(dataclasses.replace(flash, n_routed_experts=128))
     assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------- files that are not what they claim
+def test_a_safetensors_directory_or_a_deep_header_is_one_problem(tmp_path, tiny_tensors):
+    (tmp_path / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError) as e:
+        Checkpoint(tmp_path)
+    assert str(e.value) == (f"{tmp_path}: neither {INDEX_NAME} nor any *.safetensors file "
+                            f"(model.safetensors is not a file)")
+    save_safetensors(tmp_path / "weights.safetensors", tiny_tensors)   # beside real weights: one problem
+    assert _errors(tmp_path) == f"checkpoint {tmp_path}: 1 problem:\n  model.safetensors is not a file"
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    header = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    (deep / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert "model.safetensors: bad header: header JSON is nested too deeply" in _errors(deep)
+    (tmp_path / INDEX_NAME).mkdir()
+    with pytest.raises(CheckpointError, match=r"not a valid safetensors index \(IsADirectoryError: Is a directory\)"):
+        Checkpoint(tmp_path)
+
+
+def test_malformed_header_entries_are_named(tmp_path, tiny_tensors):
+    _write(tmp_path, tiny_tensors)
+    shard = tmp_path / _shard_of(tmp_path, "norm.weight")
+    blob = shard.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    other = next(k for k in header if k not in ("__metadata__", "norm.weight"))
+    header["norm.weight"]["dtype"] = ["BF16"]                                   # unhashable: used to crash
+    header[other]["shape"] = [-1] * len(header[other]["shape"])                 # a negative size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))
+    assert len(text) == n
+    shard.write_bytes(blob[:8] + text + blob[8 + n:])
+    msg = _errors(tmp_path)
+    assert msg.startswith(f"checkpoint {tmp_path}: 2 problems:\n")
+    assert "unreadable: norm.weight: malformed header entry {" in msg and "'dtype': ['BF16']" in msg
+    assert f"unreadable: {other}: malformed header entry" in msg and "'shape': [-1" in msg
+
+
+# ---------------------------------------------------------------------- NaN / Inf in the stored values
+def test_nonfinite_codes_of_every_format():
+    """Exhaustive over each raw format: a code is flagged exactly when it decodes to NaN or ±Inf."""
+    from dsv4.portable.quant import (bf16_nonfinite, e4m3_nonfinite, e4m3_to_f32, e8m0_nonfinite,
+                                     e8m0_to_f32)
+    words, codes = np.arange(1 << 16, dtype=np.uint16), np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(bf16_nonfinite(words), ~np.isfinite(bf16_to_f32(words)))
+    np.testing.assert_array_equal(e4m3_nonfinite(codes), ~np.isfinite(e4m3_to_f32(codes)))
+    np.testing.assert_array_equal(e8m0_nonfinite(codes), ~np.isfinite(e8m0_to_f32(codes)))
+    assert bf16_nonfinite(words).sum() == 2 * 128 and e4m3_nonfinite(codes).sum() == 2
+    assert list(np.flatnonzero(e8m0_nonfinite(codes))) == [255]
+
+
+def _poisoned(tiny_tensors):
+    """The tiny tensors with one broken value (or format) of each kind the scan must find."""
+    t = dict(tiny_tensors)
+    norm = t["norm.weight"][1].copy()
+    norm[3] = 0x7FC0                                                          # bf16 NaN
+    t["norm.weight"] = ("BF16", norm)
+    t["head.weight"] = ("BF16", np.full_like(t["head.weight"][1], 0x7F80))    # all +Inf
+    scale = t["layers.1.attn.wq_a.scale"][1].copy()
+    scale[0, 1] = 0xFF                                                        # E8M0 NaN
+    t["layers.1.attn.wq_a.scale"] = ("F8_E8M0", scale)
+    w = t["layers.0.attn.wkv.weight"][1].copy()
+    w[5, 7], w[100, 200] = 0x7F, 0xFF                                          # e4m3 NaN codes
+    t["layers.0.attn.wkv.weight"] = ("F8_E4M3", w)
+    sink = t["layers.2.attn.attn_sink"][1].copy()
+    sink[-1] = -np.inf
+    t["layers.2.attn.attn_sink"] = ("F32", sink)
+    fp4 = t["layers.1.ffn.experts.0.w1.weight"][1].copy()
+    fp4[:] = 0xFF                                                             # e2m1 has no NaN: -6, -6
+    t["layers.1.ffn.experts.0.w1.weight"] = ("I8", fp4)
+    return t
+
+
+def test_nonfinite_values_are_named_per_tensor(tmp_path, tiny_tensors):
+    path = _write(tmp_path, _poisoned(tiny_tensors))
+    ck = Checkpoint(path)
+    ck.validate(TINY, values=False)                                           # the headers are fine
+    problems = ck.check(TINY)
+    assert problems == [
+        "non-finite: head.weight: 262144 of 262144 values are NaN or Inf, the first at [0, 0]",
+        "non-finite: norm.weight: 1 of 256 values are NaN or Inf, the first at [3]",
+        "non-finite: layers.0.attn.wkv.weight: 2 of 32768 values are NaN or Inf, the first at [5, 7]",
+        "non-finite: layers.1.attn.wq_a.scale: 1 of 2 values are NaN or Inf, the first at [0, 1]",
+        "non-finite: layers.2.attn.attn_sink: 1 of 4 values are NaN or Inf, the first at [3]"]
+    with pytest.raises(CheckpointError) as e:
+        ck.validate(TINY)
+    assert str(e.value).startswith(f"checkpoint {path}: 5 problems:\n  non-finite: head.weight: ")
+    seen = []
+    ck.check(TINY, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_the_scan_reads_in_chunks_and_counts_across_them(tmp_path, tiny_tensors):
+    """Chunks of 7 bytes split bf16 words' neighbours and FP8 rows: counts and first positions are those of
+    one whole read, and only one chunk is ever held."""
+    ck = Checkpoint(_write(tmp_path, _poisoned(tiny_tensors)))
+    for name in ("head.weight", "norm.weight", "layers.0.attn.wkv.weight", "layers.1.attn.wq_a.scale",
+                 "layers.2.attn.attn_sink", "embed.weight"):
+        assert ck.nonfinite(name, chunk_bytes=7) == ck.nonfinite(name), name
+    assert ck.nonfinite("embed.weight") is None
+    assert ck.nonfinite("layers.1.ffn.experts.0.w1.weight") is None            # FP4: nothing to find

@@ -35,6 +35,29 @@ def test_param_counts_match_the_release():
     ({"qk_rope_head_dim": 63}, "'qk_rope_head_dim': must be even"),
     ({"moe_intermediate_size": 100}, "divisible by 32"),
     ({"model_type": "llama"}, "expected 'deepseek_v4'"),
+    # types are checked before values: a wrong type is named, never a crash in a later check or formula
+    ({"compress_ratios": 5}, "'compress_ratios': expected a list of integers, got an integer 5"),
+    ({"compress_ratios": [0, 4.0, 128, 4, 128, 0, 0]}, "'compress_ratios': expected a list of integers, got a list"),
+    ({"rope_scaling": "x"}, "'rope_scaling': expected an object or null, got a string 'x'"),
+    ({"qk_rope_head_dim": "64"}, "'qk_rope_head_dim': expected an integer, got a string '64'"),
+    ({"vocab_size": 1024.0}, "'vocab_size': expected an integer, got a number 1024.0"),
+    ({"hidden_size": True}, "'hidden_size': expected an integer, got a boolean True"),
+    ({"num_hash_layers": "2"}, "'num_hash_layers': expected an integer, got a string '2'"),
+    ({"rms_norm_eps": "x"}, "'rms_norm_eps': expected a number, got a string 'x'"),
+    ({"swiglu_limit": None}, "'swiglu_limit': expected a number, got null"),
+    ({"norm_topk_prob": "yes"}, "'norm_topk_prob': expected true or false, got a string 'yes'"),
+    ({"quantization_config": [1]}, "'quantization_config': expected an object or null, got a list [1]"),
+    ({"encoding": 5}, "'encoding': expected a string, got an integer 5"),
+    # values the graph cannot compute with
+    ({"rope_theta": -1}, "'rope_theta': must be a finite number > 1, got -1"),
+    ({"compress_rope_theta": 1}, "'compress_rope_theta': must be a finite number > 1, got 1"),
+    ({"hc_eps": 0}, "'hc_eps': must be a finite number > 0, got 0"),
+    ({"routed_scaling_factor": float("nan")}, "'routed_scaling_factor': must be a finite number > 0, got nan"),
+    ({"eos_token_id": 1024}, "'eos_token_id': must be a token id in 0..vocab_size-1 (1023), got 1024"),
+    ({"rope_scaling": {"type": "yarn", "factor": "16"}}, "'rope_scaling': 'factor' must be a finite number > 0, "
+                                                        "got a string '16'"),
+    ({"rope_scaling": {"type": "yarn", "beta_slow": 0}}, "'beta_slow' must be a finite number > 0, got an integer 0"),
+    ({"quantization_config": {"weight_block_size": 128}}, "weight_block_size must be [128, 128], got an integer 128"),
 ])
 def test_bad_config_gets_one_clear_error(change, message):
     d = dict(PRESETS["tiny"](), **change)
@@ -49,11 +72,26 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_file(tmp_path)
+    for content, message in ((b"[1, 2]", "holds a list [1, 2], not a JSON object"),
+                             (b'{"vocab_size": 1024, "x": "\xff"}', "not UTF-8 text (byte 27 is 0xff)"),
+                             (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply to be a config")):
+        (tmp_path / "config.json").write_bytes(content)
+        with pytest.raises(ConfigError) as err:
+            ModelConfig.from_file(tmp_path)
+        assert str(err.value) == f"{tmp_path / 'config.json'}: {message}"
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").mkdir()
+    (tmp_path / "config.json" / "config.json").mkdir()
+    with pytest.raises(ConfigError, match=r"config.json: cannot be read \(Is a directory\)"):
+        ModelConfig.from_file(tmp_path / "config.json")
+    with pytest.raises(ConfigError, match="a config is a JSON object, got a list"):
+        ModelConfig.from_dict([1])
 
 
 def test_roundtrip_through_dict():
     cfg = preset("tiny2")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert ModelConfig.from_dict(dict(cfg.to_dict(), rope_scaling=None, quantization_config=None)).yarn == {}
 
 
 def test_bytes_per_token_flash_and_pro():

@@ -1,5 +1,6 @@
 """What `dsv4.load` checks before it runs a model: the directory's layout (`portable.layout`), the context
-against the model's limit, and the tokenizer against the model's vocabulary; each refusal is one line."""
+against the model's limit, the tokenizer against the model's vocabulary and the weights' values (NaN/Inf),
+and what a step checks as it runs (its logits); each refusal is one line."""
 
 import json
 import shutil
@@ -9,9 +10,13 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer, models
 
 import dsv4
+from dsv4.portable.checkpoint import CheckpointError
 from dsv4.portable.encoding import official_tokenizer_path
 from dsv4.portable.encoding.tokenizer import TokenizerError
 from dsv4.portable.layout import LayoutError, backend_of
+from dsv4.portable.runtime import NonFiniteError
+
+from ..broken_checkpoints import linked_copy, poke, raw
 
 
 @pytest.fixture
@@ -122,3 +127,32 @@ def test_a_weights_only_checkpoint_loads_but_never_gets_a_tokenizer_too_large(ck
                            f"tokens but the model's vocabulary (vocab_size in config.json) is 1,024; put the "
                            f"model's own tokenizer.json there")
 
+
+
+# ---------------------------------------------------------------------------------- weight values
+@pytest.fixture
+def nan_norm(tmp_path, tiny_dir):
+    """The tiny checkpoint with one NaN in the final norm (a symlinked copy: only that shard is private)."""
+    d = linked_copy(tiny_dir, tmp_path / "nan-norm")
+    norm = raw(d, "norm.weight")
+    norm[3] = 0x7FC0                                            # a bf16 quiet NaN
+    return poke(d, "norm.weight", norm)
+
+
+@pytest.mark.parametrize("backend", ["reference", "mlx"])
+def test_nonfinite_weights_fail_at_load_and_nan_logits_at_run_time(nan_norm, backend):
+    """The load scan names the tensor; loaded anyway (validate=False), the first step names the logits."""
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    with pytest.raises(CheckpointError) as e:
+        dsv4.load(nan_norm, backend=backend, context=64)
+    assert str(e.value) == (f"checkpoint {nan_norm}: 1 problem:\n"
+                            f"  non-finite: norm.weight: 1 of 256 values are NaN or Inf, the first at [3]")
+    model = dsv4.load(nan_norm, backend=backend, context=64, validate=False)
+    message = ("the model produced NaN or Inf logits: its weights or the numbers in its config.json are "
+               f"broken; scan the weights with: dsv4 info --check --model {nan_norm}")
+    with pytest.raises(NonFiniteError) as e:
+        model.forward(ids())
+    assert one_line(e) == message
+    with pytest.raises(NonFiniteError, match="NaN or Inf logits"):
+        model.generate(ids(8), max_tokens=4)

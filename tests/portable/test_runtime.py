@@ -1,10 +1,14 @@
 """The public API surface: load, backends registry errors, numerics modes, checkpoint round trip."""
 
+import importlib.util
+import logging
+
 import numpy as np
 import pytest
 
 import dsv4
 from dsv4.portable.checkpoint import Checkpoint
+from dsv4.portable.encoding.tokenizer import model_tokenizer
 from dsv4.portable.install import install_command
 from dsv4.portable.runtime import get_backend
 
@@ -78,10 +82,34 @@ def test_demo_uses_the_real_tokenizer():
     assert np.isfinite(model.forward(ids)).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("mlx", marks=pytest.mark.skipif(
+    importlib.util.find_spec("mlx") is None, reason="mlx is not installed"))])
 @pytest.mark.parametrize("bad", [1024, 5000, -1])
-def test_ids_outside_the_vocabulary_are_refused(tiny_dir, bad):
-    model = dsv4.load(tiny_dir, context=64)
-    with pytest.raises(ValueError, match=f"token id {bad} is outside this model's vocabulary of 1024"):
-        model.step(model.new_state(1), np.asarray([[5, bad, 7]]))
-    with pytest.raises(ValueError, match="outside this model's vocabulary"):
-        model.forward(np.asarray([3, bad]))
+def test_ids_outside_the_vocabulary_never_reach_a_backend(tiny_dir, backend, bad):
+    """MLX does not bounds-check gathers (such an id crashed the whole process): every Model entry point
+    that feeds a runner refuses the id first, in one line naming it."""
+    model = dsv4.load(tiny_dir, backend=backend, context=64)
+
+    def reached(*args):
+        pytest.fail("an id outside the vocabulary reached the backend")
+    model.runner.step = model.runner.mtp_step = reached
+    calls = [lambda: model.step(model.new_state(1), np.asarray([[5, bad, 7]])),
+             lambda: model.forward(np.asarray([3, bad])),
+             lambda: model.mtp_forward(np.asarray([3, 4]), np.asarray([4, bad])),
+             lambda: model.generate([5, 6, bad], max_tokens=2),
+             lambda: next(model.stream([bad], max_tokens=2))]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"^token id {bad} is outside this model's vocabulary of 1024 ids"):
+            call()
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_is_noted_once_at_load(tiny_dir, tmp_path, caplog):
+    """Tiny models have 1,024 embedding rows and a 984-token tokenizer: the extra ids decode to U+FFFD."""
+    with caplog.at_level(logging.WARNING):
+        model = dsv4.load(tiny_dir, context=64)
+        assert model.tokenizer is model.tokenizer
+        model_tokenizer(tmp_path, 129280)             # the official tokenizer on a model of its own size
+    notes = [r.getMessage() for r in caplog.records if "embedding padding" in r.getMessage()]
+    assert notes == [f"{tiny_dir}: the model's vocabulary (1,024 ids) is larger than its tokenizer's (984); ids "
+                     f"from 984 on are embedding padding and decode to U+FFFD if the model samples one"]
+    assert model.tokenizer.decode([5, 1000]).endswith("\ufffd")

@@ -51,10 +51,24 @@ def _known_errors() -> list[tuple[type, int]]:
     from ..portable.config import ConfigError
     from ..portable.encoding import EncodingError
     from ..portable.encoding.tokenizer import TokenizerError
-    from ..portable.runtime import BackendError, ContextError
+    from ..portable.runtime import BackendError, ContextError, NonFiniteError
+    from ..portable.tiny import CacheError
     return [(ContextError, EXIT_CONTEXT), (BackendError, EXIT_BACKEND), (ConfigError, EXIT_MODEL),
-            (CheckpointError, EXIT_MODEL), (TokenizerError, EXIT_MODEL), (FileNotFoundError, EXIT_MODEL),
-            (EncodingError, EXIT_USAGE)]
+            (CheckpointError, EXIT_MODEL), (TokenizerError, EXIT_MODEL), (NonFiniteError, EXIT_MODEL),
+            (CacheError, EXIT_MODEL), (FileNotFoundError, EXIT_MODEL), (EncodingError, EXIT_USAGE)]
+
+
+SHOWN_PROBLEMS = 3      # problems of a multi-line error (a checkpoint's) kept on its one line
+
+
+def one_line(text: str) -> str:
+    """A message as one line.  A multi-line one is a headline followed by one problem per line (a
+    `CheckpointError`): the headline keeps the first SHOWN_PROBLEMS problems and says how many it left out."""
+    head, *problems = [ln.strip() for ln in text.splitlines() if ln.strip()] or [""]
+    if not problems:
+        return head
+    more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    return f"{head} {'; '.join(problems[:SHOWN_PROBLEMS])}{more}"
 
 
 def as_cli_error(exc: BaseException) -> CliError | None:
@@ -64,9 +78,7 @@ def as_cli_error(exc: BaseException) -> CliError | None:
     for kind, code in _known_errors():
         if isinstance(exc, kind):
             text = str(exc.args[0]) if isinstance(exc, OSError) and len(exc.args) == 1 else str(exc)
-            lines = text.splitlines() or [kind.__name__]
-            more = f" (+{len(lines) - 1} more problems)" if len(lines) > 1 else ""
-            return CliError(lines[0] + more, code)
+            return CliError(one_line(text) or kind.__name__, code)
     return None
 
 

@@ -4,6 +4,12 @@ Everything comes from config.json and the safetensors headers (or, for a preset 
 weights here, from the config and the tensor schema): configuration, the per-layer attention kinds,
 parameter counts, stored bytes per format, state bytes at N tokens, and the memory estimate of every
 backend (the same estimate the loader checks before loading).
+
+It also reports what is wrong with what it reads: a checkpoint whose headers do not match its config
+(missing, unexpected, mistyped or truncated tensors) or whose tokenizer does not fit the model is shown
+as far as it can be read, its problems are listed, and the command fails with one line naming the first
+of them (exit 3).  `--check` adds what only reading all the weights can tell — NaN/Inf values — which
+is what `dsv4.load` checks, without loading.
 """
 
 from __future__ import annotations
@@ -16,17 +22,23 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..backends import catalog
 from ..portable.cache import bytes_per_token, state_bytes
+from ..portable.checkpoint import Checkpoint, CheckpointError, schema
 from ..portable.config import PRESETS, ModelConfig, preset
+from ..portable.encoding.tokenizer import TokenizerError
 from ..portable.layout import backend_of
-from ..portable.runtime import backend_names
+from ..portable.runtime import backend_names, own_tokenizer
 from . import options as opt
 from .console import console
 from .errors import EXIT_USAGE, CliError
+from .progress import progress_bar
 from .resolve import (SYNTHETIC, available_memory, backend_available, estimate_memory,
                       human_bytes, model_config, model_dir, pick_dtype, resolve_context)
+
+SHOWN_IN_TABLE = 20         # problems listed under the tables (--json lists all)
 
 FORMAT_NAMES = {"F8_E4M3": "FP8 e4m3", "I8": "FP4 e2m1 (packed)", "F8_E8M0": "E8M0 scales", "U8": "uint8",
                 "BF16": "BF16", "F16": "F16", "F32": "F32", "I32": "int32", "I64": "int64"}
@@ -69,14 +81,57 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(parts)
 
 
-def collect(model: str | None, context: int | None) -> dict:
-    """Everything `info` shows, as plain data (also the --json output)."""
-    from .resolve import weight_bytes_by_dtype
+def inspect(path: Path | None, cfg: ModelConfig, layout: str | None,
+            check: bool) -> tuple[list, list[str], Exception | None]:
+    """(the tensor specs to count, the problems found, the error they make) for the model at `path`: what
+    `weights` finds, and the tokenizer checked against the model.  The error is the one loading would
+    raise, so both tell a problem in the same words."""
+    if check and (path is None or layout is not None):
+        what = "has no weights here" if path is None else (
+            "is an ONNX export" if layout == "onnx" else f"was converted for {layout}")
+        raise CliError(f"--check scans a checkpoint in the official layout; {path or 'this preset'} {what}",
+                       EXIT_USAGE)
+    if path is None:
+        return list(schema(cfg)), [], None
+    specs, problems, error = weights(path, cfg, layout, check)
+    try:
+        own_tokenizer(path, cfg)
+    except TokenizerError as e:
+        problems.append(str(e))
+        error = error or e
+    return specs, problems, error
+
+
+def weights(path: Path, cfg: ModelConfig, layout: str | None,
+            check: bool) -> tuple[list, list[str], Exception | None]:
+    """(specs, problems, error) of the weights at `path`: a checkpoint's readable tensors and every mismatch
+    with its config — with `check`, also NaN/Inf values, with a progress bar on stderr while they are
+    scanned; the schema for an export.  A converted directory is in its backend's own layout, checked by
+    that backend as it loads."""
+    if layout == "onnx":
+        return list(schema(cfg)), [], None
+    try:
+        ckpt = Checkpoint(path)
+    except CheckpointError as e:
+        return [], [str(e)], e
+    if layout is not None:
+        return ckpt.specs(), [], None
+    with progress_bar(f"checking the weights of {path.name}", console(stderr=True), transient=True) as progress:
+        problems = ckpt.check(cfg, values=check, progress=progress)
+    return ckpt.specs(), problems, CheckpointError.listing(path, problems) if problems else None
+
+
+def collect(model: str | None, context: int | None, check: bool = False) -> tuple[dict, Exception | None]:
+    """Everything `info` shows, as plain data (also the --json output), and the error its problems make
+    (None: the model is usable)."""
     path, cfg, name = source(model)
     ctx = resolve_context(cfg, context)
     counts = cfg.param_counts()
-    weights = weight_bytes_by_dtype(cfg, path)
     fmt_backend = backend_of(path) if path is not None else None
+    specs, problems, error = inspect(path, cfg, fmt_backend, check)
+    weights: dict = {}
+    for spec in specs:
+        weights[spec.dtype] = weights.get(spec.dtype, 0) + spec.nbytes
     memory = []
     for b in backend_names():
         usable = fmt_backend in (None, b)
@@ -102,7 +157,8 @@ def collect(model: str | None, context: int | None) -> dict:
         "state_bytes": {"bf16": state_bytes(cfg, ctx, "bf16"), "deploy": state_bytes(cfg, ctx, "deploy")},
         "state_bytes_per_token": {"bf16": bytes_per_token(cfg, "bf16"), "deploy": bytes_per_token(cfg, "deploy")},
         "memory": memory,
-    }
+        "problems": problems,
+    }, error
 
 
 def _count(n: int) -> str:
@@ -162,13 +218,32 @@ def render(data: dict, console: Console) -> None:
     console.print(t)
 
 
-def info(model: opt.Model = None, context: opt.Context = None,
+def render_problems(problems: list[str], console: Console) -> None:
+    t = Table(title=f"[red]problems ({len(problems)})[/red]", show_header=False, title_justify="left")
+    t.add_column(overflow="fold")
+    for line in problems[:SHOWN_IN_TABLE]:
+        t.add_row(Text(line))
+    if len(problems) > SHOWN_IN_TABLE:
+        t.add_row(f"… and {len(problems) - SHOWN_IN_TABLE} more (--json lists them all)")
+    console.print(t)
+
+
+Check = Annotated[bool, typer.Option("--check", help="Also scan every weight for NaN/Inf (what loading checks), "
+                                                     "without loading.")]
+
+
+def info(model: opt.Model = None, context: opt.Context = None, check: Check = False,
          json_out: Annotated[bool, typer.Option("--json", help="Print the same data as one JSON object.")] = False):
-    """Configuration, layer kinds, parameter counts, weight and state bytes, memory per backend."""
+    """Configuration, layer kinds, parameter counts, weight and state bytes, memory per backend; what is
+    wrong with the checkpoint, if anything (exit 3)."""
     if context is not None and context < 1:
         raise CliError(f"--context must be ≥ 1, got {context}", EXIT_USAGE)
-    data = collect(model, context)
+    data, error = collect(model, context, check)
     if json_out:
         sys.stdout.write(json.dumps(data) + "\n")
-        return
-    render(data, console())
+    else:
+        render(data, console())
+        if data["problems"]:
+            render_problems(data["problems"], console())
+    if error is not None:
+        raise error

@@ -56,7 +56,7 @@ class Command(FlagHelp, TyperCommand):
 
 
 _FLAG = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
-         "repetition_penalty": "--repetition-penalty"}
+         "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
 
 
 def sampling_params(temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,

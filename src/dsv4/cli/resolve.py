@@ -157,22 +157,6 @@ class MemoryEstimate:
         return self.weights + self.state + self.work
 
 
-def weight_bytes_by_dtype(cfg: ModelConfig, path: Path | None) -> dict:
-    """Stored bytes per safetensors dtype: from the checkpoint's headers, or the schema without one."""
-    from ..portable.checkpoint import Checkpoint, schema
-    specs = schema(cfg)
-    if path is not None and backend_of(path) != "onnx":
-        try:
-            ckpt = Checkpoint(path)
-            specs = [ckpt.spec(n) for n in ckpt.names()]
-        except (OSError, ValueError):
-            pass
-    out: dict = {}
-    for s in specs:
-        out[s.dtype] = out.get(s.dtype, 0) + s.nbytes
-    return out
-
-
 def state_buffer_bytes(cfg: ModelConfig, context: int, dtype: str, fmt: str = "bf16") -> int:
     """Bytes of one sequence's state once it holds `context` tokens (states grow with the text; this is
     the most a sequence can reach, which is what a memory check must allow for)."""

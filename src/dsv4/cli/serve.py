@@ -19,14 +19,18 @@ import uvicorn
 from .errors import EXIT_USAGE, CliError
 from .resolve import DEFAULT_MODEL, load_model
 from .server import build_app
+from .server.connection import uvicorn_config
+from .server.intake import hosts_for_bind
 
 log = logging.getLogger("dsv4.serve")
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, as uvicorn binds its own (IPv6 for a host with ':', SO_REUSEADDR), for
-    uvicorn to listen on; a port that is taken or not allowed is a CliError."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    uvicorn to listen on; a port that is taken or not allowed is a CliError.  The protocol is named
+    (IPPROTO_TCP, as getaddrinfo names it for uvicorn): asyncio disables Nagle's algorithm only on
+    connections of such a socket, and without that every response waited ~40 ms for a delayed ACK."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -41,19 +45,25 @@ def listen_socket(host: str, port: int) -> socket.socket:
 def serve(model: str | None = None, backend: str = "auto", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_queue: int = 64, context: int | None = None, max_batch: int = 8,
           served_model_name: str | None = None, dtype: str = "auto", prefill_chunk: int = 256,
-          cache_size: int = 8, force: bool = False, log_level: str = "info") -> None:
+          cache_size: int = 8, force: bool = False, log_level: str = "info", max_body_mb: float | None = None,
+          read_timeout: float = 20.0, allowed_hosts: tuple | None = None) -> None:
     """Blocking: serve `model` (a checkpoint directory or a preset name; default demo) until interrupted.
 
-    Clients address the model as `served_model_name` (default: the directory or preset name)."""
+    Clients address the model as `served_model_name` (default: the directory or preset name).  Request
+    bodies above `max_body_mb` (default: scaled to the context) are refused; `allowed_hosts` (default:
+    the names `host` is reached by, see `server.intake`) are the `Host` names answered."""
     sock = listen_socket(host, port)
     try:
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         loaded = load_model(model, backend=backend, dtype=dtype, context=context, force=force)
         name = served_model_name or Path(str(model or DEFAULT_MODEL)).expanduser().name
         app = build_app(loaded, model_name=name, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
-                        prefill_chunk=prefill_chunk, cache_size=cache_size)
+                        prefill_chunk=prefill_chunk, cache_size=cache_size,
+                        max_body=None if max_body_mb is None else round(max_body_mb * 1_000_000),
+                        read_timeout=read_timeout,
+                        allowed_hosts=allowed_hosts or hosts_for_bind(host))
         shown = f"[{host}]" if ":" in host else host
         log.info("listening on http://%s:%d (Ctrl-C stops)", shown, port)   # uvicorn logs it only for its own socket
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level)).run(sockets=[sock])
     finally:
         sock.close()

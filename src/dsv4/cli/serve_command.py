@@ -31,12 +31,25 @@ def serve(
     served_model_name: Annotated[Optional[str], typer.Option(
         "--served-model-name", help="Model name clients use (default: the directory or preset name).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help=f"{'|'.join(LOG_LEVELS)}.")] = "info",
+    max_body_mb: Annotated[Optional[float], typer.Option(
+        "--max-body-mb", help="Largest request body in MB (default: 16 bytes per token of context, ≥ 4).")] = None,
+    read_timeout: Annotated[float, typer.Option(
+        "--read-timeout", help="Seconds a client has to send its request headers, and again its body.")] = 20.0,
+    allowed_hosts: Annotated[Optional[str], typer.Option(
+        "--allowed-hosts", help="Comma-separated Host names to answer, * for any (default: the names "
+                                "--host is reached by; any for 0.0.0.0).")] = None,
 ):
     """Serve the model over HTTP (OpenAI- and Anthropic-compatible APIs)."""
     if not 0 < port < 65536:
         raise CliError(f"--port must be in 1..65535, got {port}", EXIT_USAGE)
     opt.check_positive("--max-queue", max_queue)
     opt.check_positive("--max-batch", max_batch)
+    for flag, value in (("--max-body-mb", max_body_mb), ("--read-timeout", read_timeout)):
+        if value is not None and not 0 < value < float("inf"):
+            raise CliError(f"{flag} must be > 0, got {value:g}", EXIT_USAGE)
+    hosts = tuple(h.strip() for h in allowed_hosts.split(",") if h.strip()) if allowed_hosts is not None else None
+    if hosts == ():
+        raise CliError("--allowed-hosts needs at least one name (or * for any)", EXIT_USAGE)
     if log_level not in LOG_LEVELS:
         raise CliError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}", EXIT_USAGE)
     try:
@@ -46,4 +59,5 @@ def serve(
                        f"{install_command('serve')}", EXIT_BACKEND) from None
     server.serve(model=model, backend=backend, host=host, port=port, api_key=api_key, max_queue=max_queue,
                  context=context, dtype=dtype, force=force, max_batch=max_batch,
-                 served_model_name=served_model_name, log_level=log_level)
+                 served_model_name=served_model_name, log_level=log_level, max_body_mb=max_body_mb,
+                 read_timeout=read_timeout, allowed_hosts=hosts)

@@ -251,7 +251,6 @@ class ChatSession:
             return out
         parser = StreamParser(thinking_mode)
         detok = IncrementalDetokenizer(self.tokenizer)
-        vocab = self.tokenizer.vocab_size
         stops = {ReasoningDelta: StopStrings(self.stop), ContentDelta: StopStrings(self.stop)}
         res = Result([], "length", len(ids), 0, 0.0, 0.0)
         first = None
@@ -272,8 +271,7 @@ class ChatSession:
                           stop_ids=[self.tokenizer.eos_id], prefill_chunk=self.prefill_chunk, cache=self.cache,
                           should_stop=should_stop, result=res):
             first = first or time.perf_counter()
-            if tok.id < vocab:                           # ids past the tokenizer are embedding padding
-                emit(parser.feed(detok.push(tok.id)))
+            emit(parser.feed(detok.push(tok.id)))       # embedding padding past the tokenizer: U+FFFD
         emit(parser.feed(detok.flush()) + parser.finish())
         for kind, s in stops.items():
             tail = s.flush()

@@ -16,7 +16,9 @@ headers ourselves and hand out `np.memmap` views in the stored dtype:
 
 Opening never fails on a broken shard: every problem (bad header, truncated data, index naming a
 missing shard, ...) is recorded, reported by `validate` in one `CheckpointError` together with the
-schema mismatches, and raised again when a broken tensor is actually read.
+schema mismatches and the tensors whose stored values hold NaN or Inf (a NaN norm, an all-Inf head, an
+E8M0 scale byte 0xFF would otherwise give silent garbage), and raised again when a broken tensor is
+actually read.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +34,30 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .quant import FP4_BLOCK, FP8_BLOCK, QuantWeight, bf16_to_f32, e4m3_to_f32, e8m0_to_f32
+from .quant import (FP4_BLOCK, FP8_BLOCK, QuantWeight, bf16_nonfinite, bf16_to_f32, e4m3_nonfinite, e4m3_to_f32,
+                    e8m0_nonfinite, e8m0_to_f32)
 
 NP_DTYPE = {"F8_E4M3": np.dtype("u1"), "F8_E8M0": np.dtype("u1"), "I8": np.dtype("u1"), "U8": np.dtype("u1"),
             "BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
             "I16": np.dtype("<i2"), "U16": np.dtype("<u2"), "I32": np.dtype("<i4"), "U32": np.dtype("<u4"),
             "I64": np.dtype("<i8"), "U64": np.dtype("<u8")}
 INDEX_NAME = "model.safetensors.index.json"
+# Stored dtypes that can encode NaN or ±Inf, and the test that finds those values in raw data (packed FP4
+# e2m1 and the integer dtypes have no such codes, so nothing in them needs scanning).
+NONFINITE = {"BF16": bf16_nonfinite, "F8_E4M3": e4m3_nonfinite, "F8_E8M0": e8m0_nonfinite,
+             "F16": lambda a: ~np.isfinite(a), "F32": lambda a: ~np.isfinite(a)}
+SCAN_CHUNK = 16 << 20       # bytes read at a time when scanning values
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message names every offending tensor or file."""
+
+    @classmethod
+    def listing(cls, path, problems: list[str]) -> "CheckpointError":
+        """One error for all of `problems`: a headline with their count, then one problem per line (the
+        CLI keeps the headline and the first few on its one line)."""
+        n = len(problems)
+        return cls(f"checkpoint {path}: {n} problem{'s' * (n != 1)}:\n  " + "\n  ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -231,31 +247,38 @@ class Checkpoint:
     def _read_index(self):
         idx = self.path / INDEX_NAME
         if not idx.exists():
-            files = {p.name: p for p in sorted(self.path.glob("*.safetensors"))}
+            found = sorted(self.path.glob("*.safetensors"))
+            files = {p.name: p for p in found if p.is_file()}
+            for p in found:
+                if not p.is_file():
+                    self.problems.append(f"{p.name} is not a file")
             if not files:
-                raise CheckpointError(f"{self.path}: neither {INDEX_NAME} nor any *.safetensors file")
+                raise CheckpointError(f"{self.path}: neither {INDEX_NAME} nor any *.safetensors file"
+                                      + (f" ({found[0].name} is not a file)" if found else ""))
             return None, files
         try:
-            weight_map = json.loads(idx.read_text())["weight_map"]
+            weight_map = json.loads(idx.read_bytes())["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise TypeError("weight_map is not an object of tensor name → file name")
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{idx}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            raise CheckpointError(f"{idx}: not a valid safetensors index ({type(e).__name__}: {why})") from None
         files = {}
         for fname in sorted(set(weight_map.values())):
             if (self.path / fname).is_file():
                 files[fname] = self.path / fname
             else:
                 names = sorted(n for n, f in weight_map.items() if f == fname)
-                self.problems.append(f"{INDEX_NAME} names shard {fname!r}, which does not exist "
+                gone = "is not a file" if (self.path / fname).exists() else "does not exist"
+                self.problems.append(f"{INDEX_NAME} names shard {fname!r}, which {gone} "
                                      f"({len(names)} tensors, e.g. {names[0]})")
                 for n in names:
-                    self._entries[n] = _Entry(None, fname, problem=f"its shard {fname!r} does not exist")
+                    self._entries[n] = _Entry(None, fname, problem=f"its shard {fname!r} {gone}")
         return weight_map, files
 
     def _read_header(self, fname: str, fpath: Path):
-        size = fpath.stat().st_size
         try:
+            size = fpath.stat().st_size
             with open(fpath, "rb") as f:
                 if size < 8:
                     raise ValueError(f"only {size} bytes, too short for a safetensors header")
@@ -266,10 +289,13 @@ class Checkpoint:
                     header = json.loads(f.read(n))
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise ValueError(f"header is not valid JSON ({e})") from None
+                except RecursionError:
+                    raise ValueError("header JSON is nested too deeply") from None
             if not isinstance(header, dict):
                 raise ValueError("header JSON is not an object")
-        except ValueError as e:
-            self.problems.append(f"{fname}: bad header: {e}")
+        except (OSError, ValueError) as e:
+            why = f"cannot be read ({e.strerror})" if isinstance(e, OSError) else f"bad header: {e}"
+            self.problems.append(f"{fname}: {why}")
             self._bad_files.add(fname)
             return
         data_start, data_len, need = 8 + n, size - 8 - n, 0
@@ -282,8 +308,11 @@ class Checkpoint:
             try:
                 spec = TensorSpec(name, info["dtype"], tuple(int(s) for s in info["shape"]))
                 b, e = (int(o) for o in info["data_offsets"])
+                if not isinstance(spec.dtype, str) or min(spec.shape, default=0) < 0:
+                    raise ValueError("a dtype name and a shape of sizes ≥ 0")
             except (KeyError, TypeError, ValueError):
-                self._entries[name] = _Entry(None, fname, problem=f"malformed header entry {info!r} in {fname}")
+                self._entries[name] = _Entry(None, fname, problem=f"malformed header entry {reprlib.repr(info)} "
+                                                                  f"in {fname}")
                 continue
             entry = _Entry(spec, fname, data_start + b)
             if spec.dtype not in NP_DTYPE:
@@ -300,8 +329,8 @@ class Checkpoint:
     def _check_index(self, weight_map: dict):
         for name, entry in self._entries.items():
             if entry.spec is not None and weight_map.get(name) != entry.file:
-                self.problems.append(f"tensor {name} is in {entry.file} but {INDEX_NAME} maps it to "
-                                     f"{weight_map.get(name)!r}")
+                where = f"maps it to {weight_map[name]!r}" if name in weight_map else "does not list it"
+                self.problems.append(f"tensor {name} is in {entry.file} but {INDEX_NAME} {where}")
         for name, fname in weight_map.items():
             if name not in self._entries:
                 why = (f"the header of {fname} is unreadable" if fname in self._bad_files
@@ -325,6 +354,10 @@ class Checkpoint:
 
     def spec(self, name: str) -> TensorSpec:
         return self._entry(name).spec
+
+    def specs(self) -> list[TensorSpec]:
+        """The specs of every tensor whose header entry is usable (what the checkpoint visibly holds)."""
+        return [e.spec for _, e in sorted(self._entries.items()) if e.spec is not None and not e.problem]
 
     def nbytes(self) -> int:
         """Bytes of every readable tensor (what a backend that copies the whole checkpoint reads)."""
@@ -364,17 +397,54 @@ class Checkpoint:
         buf = memoryview(out.reshape(-1).view(np.uint8))
         if buf.nbytes != spec.nbytes:
             raise ValueError(f"{name}: buffer of {buf.nbytes} bytes for a {spec.nbytes}-byte tensor")
-        fd, done = os.open(self._files[entry.file], os.O_RDONLY), 0
+        fd = os.open(self._files[entry.file], os.O_RDONLY)
         try:
-            while done < spec.nbytes:
-                n = os.preadv(fd, [buf[done:]], entry.begin + done)
-                if n <= 0:
-                    raise CheckpointError(f"tensor {name!r}: {entry.file} ended after {done} of {spec.nbytes} bytes")
-                done += n
+            self._fill(fd, name, entry, buf, 0)
         finally:
             os.close(fd)
         self.report(spec.nbytes)
         return out
+
+    @staticmethod
+    def _fill(fd: int, name: str, entry: _Entry, buf: memoryview, start: int) -> None:
+        """Fill `buf` with the bytes of tensor `name` from byte `start` on, with bounded positional reads."""
+        done = 0
+        while done < buf.nbytes:
+            n = os.preadv(fd, [buf[done:]], entry.begin + start + done)
+            if n <= 0:
+                raise CheckpointError(f"tensor {name!r}: {entry.file} ended after {start + done} of "
+                                      f"{entry.spec.nbytes} bytes")
+            done += n
+
+    def nonfinite(self, name: str, chunk_bytes: int = SCAN_CHUNK) -> str | None:
+        """What is non-finite among the stored values of tensor `name` ("3 of 256 values are NaN or Inf, the
+        first at [0, 5]"), or None when every value is finite or its format has no such codes (`NONFINITE`).
+        The tensor is read `chunk_bytes` at a time with bounded reads (as `read`), so a scan holds one chunk
+        whatever the tensor's size and leaves nothing resident in the process."""
+        entry = self._entry(name)
+        spec = entry.spec
+        test, total = NONFINITE.get(spec.dtype), math.prod(spec.shape)
+        if test is None or total == 0:
+            return None
+        dtype = NP_DTYPE[spec.dtype]
+        buf = np.empty(min(total, max(1, chunk_bytes // dtype.itemsize)), dtype)
+        count, first = 0, None
+        fd = os.open(self._files[entry.file], os.O_RDONLY)
+        try:
+            for start in range(0, total, len(buf)):
+                part = buf[:min(len(buf), total - start)]
+                self._fill(fd, name, entry, memoryview(part.view(np.uint8)), start * dtype.itemsize)
+                bad = test(part)
+                n = int(np.count_nonzero(bad))
+                if n and first is None:
+                    first = start + int(np.argmax(bad))
+                count += n
+        finally:
+            os.close(fd)
+        if not count:
+            return None
+        at = [int(i) for i in np.unravel_index(first, spec.shape)]
+        return f"{count} of {total} values are NaN or Inf, the first at {at}"
 
     def array(self, name: str, dtype=np.float32) -> np.ndarray:
         """Decoded values of a plain tensor (BF16/F8 decoded, ints cast); packed FP4 needs `quant_weight`."""
@@ -418,20 +488,39 @@ class Checkpoint:
             raise CheckpointError(f"{prefix}: {e}") from None
 
     # ------------------------------------------------------------------ validation
-    def validate(self, cfg: ModelConfig) -> None:
-        """Raise ONE CheckpointError listing every broken file and every tensor that differs from schema(cfg)."""
+    def validate(self, cfg: ModelConfig, values: bool = True, progress=None) -> None:
+        """Raise ONE CheckpointError listing every problem `check` finds."""
+        problems = self.check(cfg, values, progress)
+        if problems:
+            raise CheckpointError.listing(self.path, problems)
+
+    def check(self, cfg: ModelConfig, values: bool = True, progress=None) -> list[str]:
+        """Every broken file, every tensor that differs from schema(cfg) and, with `values`, every tensor
+        holding NaN or Inf, one line each (none: the checkpoint is usable).  The value scan reads each
+        tensor whose format has such codes (`nonfinite`): the float tensors, the scales and the FP8
+        weights, 11% of V4-Flash's bytes (its FP4 experts have none); `progress(bytes_done, bytes_total)`
+        follows it."""
         lines = list(self.problems)
-        expected = {}
+        expected, scan = {}, []
         for weight in weight_schema(cfg).values():
             for want in weight.tensors:
                 expected[want.name] = want
-                lines += self._mismatch(want, weight.role, cfg)
+                wrong = self._mismatch(want, weight.role, cfg)
+                lines += wrong
+                if values and not wrong and want.dtype in NONFINITE:
+                    scan.append(want)
         for name in sorted(set(self._entries) - set(expected)):
             entry = self._entries[name]
             lines.append(f"unexpected: {name} ({entry.spec or entry.problem})")
-        if lines:
-            raise CheckpointError(f"checkpoint {self.path} does not match the config ({len(lines)} problems):\n  "
-                                  + "\n  ".join(lines))
+        total, done = sum(t.nbytes for t in scan), 0
+        for want in scan:
+            why = self.nonfinite(want.name)
+            if why:
+                lines.append(f"non-finite: {want.name}: {why}")
+            done += want.nbytes
+            if progress is not None:
+                progress(done, total)
+        return lines
 
     def _mismatch(self, want: TensorSpec, role: str, cfg: ModelConfig) -> list[str]:
         """What is wrong with the stored tensor `want.name` (nothing: []); a TABLE may use any integer dtype

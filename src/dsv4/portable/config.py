@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -31,6 +32,34 @@ def _yarn_default():
 def _quant_default():
     return {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
             "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# What each ModelConfig annotation accepts from JSON, and how an error names it.
+_TYPES = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "tuple": (lambda v: isinstance(v, tuple) and all(_is_int(r) for r in v), "a list of integers"),
+    "dict | None": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+}
+_JSON_KIND = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+              tuple: "a list", dict: "an object"}
+
+
+def _describe(v) -> str:
+    """A JSON value as an error names it: its kind and a repr short enough for one line."""
+    if v is None:
+        return "null"
+    return f"{_JSON_KIND.get(type(v), type(v).__name__)} {reprlib.repr(v)}"
 
 
 @dataclass(frozen=True)
@@ -66,7 +95,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
-    rope_scaling: dict = field(default_factory=_yarn_default)
+    rope_scaling: dict | None = field(default_factory=_yarn_default)
     max_position_embeddings: int = 1048576
     num_nextn_predict_layers: int = 1
     expert_dtype: str = "fp4"
@@ -80,9 +109,12 @@ class ModelConfig:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """The config of an HF-style dict (unknown keys ignored), validated (`validate`)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config is a JSON object, got {_describe(d)}")
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        if "compress_ratios" in kw:
+        if isinstance(kw.get("compress_ratios"), list):
             kw["compress_ratios"] = tuple(kw["compress_ratios"])
         cfg = cls(**kw)
         cfg.validate()
@@ -96,9 +128,18 @@ class ModelConfig:
         if not p.exists():
             raise ConfigError(f"no config.json at {p}")
         try:
-            d = json.loads(p.read_text())
+            text = p.read_bytes().decode("utf-8")
+            d = json.loads(text)
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot be read ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: JSON nested too deeply to be a config") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: holds {_describe(d)}, not a JSON object")
         return cls.from_dict(d)
 
     def to_dict(self) -> dict:
@@ -109,18 +150,24 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Raise a ConfigError naming the first bad field.  Types are checked before any value, so a wrong
+        type gets its own message instead of failing inside a later check or a formula."""
         def bad(name, why):
             raise ConfigError(f"config field '{name}': {why}")
 
+        for f in fields(self):
+            ok, words = _TYPES[f.type]
+            value = getattr(self, f.name)
+            if not ok(value):
+                bad(f.name, f"expected {words}, got {_describe(value)}")
         if self.model_type != "deepseek_v4":
             bad("model_type", f"expected 'deepseek_v4', got {self.model_type!r}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                      "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "n_routed_experts",
                      "num_experts_per_tok", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters",
                      "max_position_embeddings", "index_n_heads", "index_head_dim", "index_topk"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                bad(name, f"must be a positive integer, got {v!r}")
+            if getattr(self, name) <= 0:
+                bad(name, f"must be a positive integer, got {getattr(self, name)}")
         n_ratios = self.num_hidden_layers + self.num_nextn_predict_layers
         if len(self.compress_ratios) != n_ratios:
             bad("compress_ratios", f"needs num_hidden_layers + num_nextn_predict_layers = {n_ratios} "
@@ -151,13 +198,25 @@ class ModelConfig:
             bad("expert_dtype", f"must be 'fp4' or 'fp8', got {self.expert_dtype!r}")
         if self.expert_dtype == "fp4" and (self.hidden_size % 32 or self.moe_intermediate_size % 32):
             bad("moe_intermediate_size", "FP4 experts need hidden_size and moe_intermediate_size divisible by 32")
+        for name, low in (("rope_theta", 1), ("compress_rope_theta", 1), ("rms_norm_eps", 0), ("hc_eps", 0),
+                          ("routed_scaling_factor", 0), ("swiglu_limit", 0)):   # YaRN divides by log(theta)
+            v = getattr(self, name)
+            if not math.isfinite(v) or v <= low:
+                bad(name, f"must be a finite number > {low}, got {v!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                bad(name, f"must be a token id in 0..vocab_size-1 ({self.vocab_size - 1}), got {getattr(self, name)}")
         rs = self.rope_scaling or {}
         if rs and rs.get("type", rs.get("rope_type")) != "yarn":
-            bad("rope_scaling", f"only YaRN scaling is defined for V4, got {rs!r}")
+            bad("rope_scaling", f"only YaRN scaling is defined for V4, got {_describe(rs)}")
+        for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+            v = rs.get(key, 1)
+            if not _is_number(v) or not math.isfinite(v) or v <= 0:
+                bad("rope_scaling", f"'{key}' must be a finite number > 0, got {_describe(v)}")
         if self.quantization_config is not None:
             bs = self.quantization_config.get("weight_block_size", [128, 128])
-            if list(bs) != [128, 128]:
-                bad("quantization_config", f"weight_block_size must be [128, 128], got {bs}")
+            if not isinstance(bs, (list, tuple)) or list(bs) != [128, 128]:
+                bad("quantization_config", f"weight_block_size must be [128, 128], got {_describe(bs)}")
         if self.encoding not in ("dsv4-2604", "dsv4-0731"):
             bad("encoding", f"must be 'dsv4-2604' or 'dsv4-0731', got {self.encoding!r}")
 

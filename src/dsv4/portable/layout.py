@@ -26,10 +26,11 @@ class LayoutError(FileNotFoundError):
 
 
 def _json_field(path: Path, key: str):
-    """`key` of the JSON object in `path`, or None when the file is absent, unreadable or not an object."""
+    """`key` of the JSON object in `path`, or None when the file is absent, unreadable or not an object
+    (reading the file itself, e.g. `ModelConfig.from_file`, says what is wrong with it)."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data.get(key) if isinstance(data, dict) else None
 

@@ -50,6 +50,11 @@ def bf16_to_f32(u: np.ndarray) -> np.ndarray:
     return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def bf16_nonfinite(u: np.ndarray) -> np.ndarray:
+    """Which raw bf16 words (uint16) are NaN or ±Inf: those whose exponent bits are all ones."""
+    return (np.asarray(u, dtype=np.uint16) & np.uint16(0x7F80)) == 0x7F80
+
+
 def round_bf16(x: np.ndarray) -> np.ndarray:
     """Round float32/float64 values to bf16 precision (RNE, overflow → inf, NaN kept); same dtype out.
 
@@ -91,6 +96,11 @@ def e4m3_to_f32(u: np.ndarray) -> np.ndarray:
     return _E4M3[np.asarray(u, dtype=np.uint8)]
 
 
+def e4m3_nonfinite(u: np.ndarray) -> np.ndarray:
+    """Which raw float8_e4m3fn bytes are NaN (0x7F, 0xFF; the format has no infinities)."""
+    return (np.asarray(u, dtype=np.uint8) & np.uint8(0x7F)) == 0x7F
+
+
 def f32_to_e4m3(x: np.ndarray) -> np.ndarray:
     """Float values → float8_e4m3fn bytes: RNE, finite values saturate to ±448, ±inf and NaN → NaN."""
     x = np.asarray(x, dtype=np.float64)
@@ -107,6 +117,11 @@ _E8M0 = np.append(np.ldexp(1.0, np.arange(255) - 127), np.nan).astype(np.float32
 def e8m0_to_f32(u: np.ndarray) -> np.ndarray:
     """Raw E8M0 bytes → float32 2^(b−127); 0xFF is NaN (b = 0 gives the float32 subnormal 2^−127)."""
     return _E8M0[np.asarray(u, dtype=np.uint8)]
+
+
+def e8m0_nonfinite(u: np.ndarray) -> np.ndarray:
+    """Which raw E8M0 bytes are NaN (0xFF)."""
+    return np.asarray(u, dtype=np.uint8) == 0xFF
 
 
 def f32_to_e8m0(x: np.ndarray) -> np.ndarray:

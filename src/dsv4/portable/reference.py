@@ -125,7 +125,10 @@ class NumpyOps(Ops):
 
     def topk(self, x, k):
         """Partial selection: the k-th largest value bounds the picks (O(n)); the k picks are then ordered
-        by (value descending, index ascending), so ties go to the lower index as a stable sort would."""
+        by (value descending, index ascending), so ties go to the lower index as a stable sort would.
+        A NaN ranks below everything (broken weights: the step goes on to NaN logits, which `Model` names,
+        instead of failing here on a selection of the wrong size)."""
+        x = np.where(np.isnan(x), -np.inf, x)
         n = x.shape[-1]
         if k >= n:
             return np.argsort(-x, axis=-1, kind="stable")[..., :k]

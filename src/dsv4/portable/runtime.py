@@ -122,6 +122,16 @@ class ContextError(ValueError):
     """Input longer than the context this model was loaded with."""
 
 
+class NonFiniteError(RuntimeError):
+    """A step produced NaN or Inf logits: the model (its weights or config) is broken, not the caller's input."""
+
+
+def quiet_numerics():
+    """NumPy's floating-point warnings off while a backend runs a step: a broken model would print one per
+    op, and `Model.check_finite` reports their consequence once, in one line."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
 class Model:
     """A loaded V4 model on one backend.  Stateless calls (`forward`) and stateful ones (`step`) share one
     runner; generation lives in `portable.generate` and is reached through `generate`/`stream`."""
@@ -154,6 +164,16 @@ class Model:
             raise ValueError(f"token id {bad} is outside this model's vocabulary of {v} ids (0..{v - 1})")
         return ids
 
+    def check_finite(self, logits: np.ndarray) -> np.ndarray:
+        """`logits`, refused (one line) when any is NaN or Inf: sampling from them would give garbage
+        silently.  One reduction over what the step produced; the weights' values themselves are scanned
+        at load (`Checkpoint.validate`) and by `dsv4 info --check`."""
+        if not np.isfinite(logits).all():
+            where = f" --model {self.path}" if self.path is not None else ""
+            raise NonFiniteError(f"the model produced NaN or Inf logits: its weights or the numbers in its "
+                                 f"config.json are broken; scan the weights with: dsv4 info --check{where}")
+        return logits
+
     def new_state(self, batch: int = 1):
         """A fresh state holding no tokens; its memory grows with the tokens fed, up to `context`."""
         return self.runner.new_state(batch)
@@ -164,8 +184,9 @@ class Model:
         first (`fork_state`) to keep the old one."""
         ids = self.check_ids(ids)
         self.check_length(self.runner.position(state) + ids.shape[1])
-        logits, _ = self.runner.step(state, ids)
-        return logits.astype(np.float32), state
+        with quiet_numerics():
+            logits, _ = self.runner.step(state, ids)
+        return self.check_finite(logits.astype(np.float32)), state
 
     def fork_state(self, state):
         """An independent copy of `state` (cost proportional to the tokens it holds)."""
@@ -188,8 +209,9 @@ class Model:
         chunk = chunk or ids2.shape[1]
         outs = []
         for a in range(0, ids2.shape[1], chunk):
-            logits, _ = self.runner.step(state, ids2[:, a:a + chunk])
-            outs.append(logits)
+            with quiet_numerics():
+                logits, _ = self.runner.step(state, ids2[:, a:a + chunk])
+            outs.append(self.check_finite(logits))
         out = np.concatenate(outs, 1)
         out = out if full_precision else out.astype(np.float32)
         return out[0] if single else out
@@ -199,9 +221,10 @@ class Model:
         ids = self.check_ids(ids)[None]
         nxt = self.check_ids(ids_next)[None]
         self.check_length(ids.shape[1])
-        _, streams = self.runner.step(self.new_state(1), ids)
-        logits = self.runner.mtp_step(self.runner.new_mtp_state(1), streams, nxt)
-        return logits[0].astype(np.float32)
+        with quiet_numerics():
+            _, streams = self.runner.step(self.new_state(1), ids)
+            logits = self.runner.mtp_step(self.runner.new_mtp_state(1), streams, nxt)
+        return self.check_finite(logits[0].astype(np.float32))
 
     def generate(self, prompt_ids, **kw):
         from .generate import generate
@@ -283,13 +306,17 @@ def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emu
 
     `context` is the longest sequence allowed (states grow with the tokens held, never to `context` up
     front), by default 16K or the model's limit if lower; a context beyond the limit is refused
-    (`context_for`).  The checkpoint's tokenizer is checked against the model (`own_tokenizer`).
-    `state_format` is how compressed entries are stored: "bf16" (the activation dtype) or "deploy"
-    (FP8 nope + BF16 rope + E8M0, FP4 indexer keys; model spec §5), by default `default_state_format`.
+    (`context_for`).  The checkpoint's tokenizer is checked against the model (`own_tokenizer`), and with
+    `validate` an official-layout checkpoint against its config, values included (`Checkpoint.check`: a
+    chunked NaN/Inf scan of every tensor whose format can hold one, so broken weights fail here in one
+    line instead of sampling garbage).
+
+    `state_format` is how compressed entries are stored: "bf16" (the activation dtype) or "deploy" (FP8
+    nope + BF16 rope + E8M0, FP4 indexer keys; model spec §5), by default `default_state_format`.
 
     `progress(bytes_read, bytes_total)` is called while a backend copies weights into its own memory (MLX,
     torch); the reference maps the checkpoint and reads each tensor when first used, so it reports
-    nothing at load."""
+    nothing at load (nor does the value scan, which reads without keeping anything)."""
     from .checkpoint import Checkpoint
     make_runner = get_backend(backend)
     path = resolve_path(path_or_preset)

@@ -12,6 +12,25 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# What the sampler runs without NaN or Inf on its way to the probabilities (SamplingParams refuses the
+# rest, and the server's validation is this one).  The repetition penalty divides float32 logits: in its
+# range, logits below 1e30 (any model's are far below) stay finite, where 1e-310 made them Inf and the
+# probabilities NaN.  The temperature divides them in float64, where 1e-320 did the same; MIN_TEMPERATURE
+# sits far above that limit because at 1e-4 a logit gap of 0.01 already weighs e^100: a smaller positive
+# temperature can only mean greedy, which is spelled 0.
+MIN_TEMPERATURE = 1e-4
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+SEED_LIMIT = 2 ** 64                  # seeds are in [0, 2**64), what NumPy's generators take
+
+
+class SamplingError(ValueError):
+    """A sampling parameter the sampler cannot run; `param` names it, and the message starts with it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0          # 0 = greedy
@@ -22,14 +41,17 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        checks = [("temperature", self.temperature >= 0, "must be ≥ 0"),
+        low, high = REPETITION_PENALTY_RANGE
+        checks = [("temperature", self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf"),
+                   f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}"),
                   ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
                   ("top_k", self.top_k >= 0, "must be ≥ 0"),
                   ("min_p", 0 <= self.min_p < 1, "must be in [0, 1)"),
-                  ("repetition_penalty", self.repetition_penalty > 0, "must be > 0")]
+                  ("repetition_penalty", low <= self.repetition_penalty <= high, f"must be in [{low:g}, {high:g}]"),
+                  ("seed", self.seed is None or 0 <= self.seed < SEED_LIMIT, "must be in [0, 2**64)")]
         for name, ok, why in checks:
             if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+                raise SamplingError(name, f"{name} {why}, got {getattr(self, name)!r}")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

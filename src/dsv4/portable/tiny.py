@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,21 +101,67 @@ def write_checkpoint(cfg: ModelConfig, out_dir, seed: int = 0, shard_bytes: int 
     return out
 
 
+STALE_S = 600               # a build takes seconds: an unfinished one untouched this long is abandoned
+
+
+class CacheError(RuntimeError):
+    """The user cache cannot hold a synthetic checkpoint (DSV4_CACHE a file, read-only, full); the message
+    names the directory."""
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DSV4_CACHE", Path.home() / ".cache" / "dsv4"))
 
 
 def ensure_tiny(name: str = "tiny", seed: int = 0, progress=None) -> Path:
-    """The synthetic checkpoint of preset `name`, generated once into the user cache (atomically);
+    """The synthetic checkpoint of preset `name`, generated once into the user cache (atomically: built in
+    a `.{name}-{pid}-*` directory renamed into place, which is removed if the build fails or is interrupted);
     `progress` as in `synthetic_tensors`, called only when the checkpoint is built."""
-    target = cache_dir() / f"{name}-s{seed}-v{FORMAT_VERSION}"
+    root = cache_dir()
+    target = root / f"{name}-s{seed}-v{FORMAT_VERSION}"
     if (target / "model.safetensors.index.json").exists():
+        remove_orphans(root, name)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    write_checkpoint(preset(name), tmp, seed, tokenizer="v4" if name == "demo" else "test", progress=progress)
+    tmp = None
     try:
-        tmp.rename(target)
-    except OSError:                                            # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        remove_orphans(root, name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=root))
+        write_checkpoint(preset(name), tmp, seed, tokenizer="v4" if name == "demo" else "test", progress=progress)
+        try:
+            tmp.rename(target)
+        except OSError:                                        # another process won the race
+            pass
+    except OSError as e:
+        why = "it is not a directory" if root.exists() and not root.is_dir() else e.strerror or str(e)
+        raise CacheError(f"cannot build the {name} model in the cache {root} ({why}); set DSV4_CACHE to a "
+                         f"writable directory") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)             # gone already once renamed into place
     return target
+
+
+def remove_orphans(root: Path, name: str) -> None:
+    """Delete the unfinished builds of `name` that a killed process left in `root`: untouched for STALE_S
+    seconds and their builder (the pid in the directory's name; builds of older versions have none) no
+    longer running.  The age is what keeps a live build safe on another machine sharing the cache."""
+    pid = re.compile(rf"\.{re.escape(name)}-(\d+)-")
+    for d in root.glob(f".{name}-*"):
+        try:
+            old = time.time() - d.stat().st_mtime > STALE_S
+        except OSError:                         # removed meanwhile
+            continue
+        owner = pid.match(d.name)
+        if d.is_dir() and old and not (owner and _running(int(owner.group(1)))):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)                         # signal 0: only asks whether the process exists
+    except PermissionError:                     # it does, and belongs to someone else
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True

@@ -1,4 +1,5 @@
-"""Live servers for the HTTP tests: uvicorn on 127.0.0.1 with a pre-bound random port, in a thread.
+"""Live servers for the HTTP tests: uvicorn on 127.0.0.1 with a pre-bound random port, in a thread,
+configured as `dsv4 serve` configures it (`uvicorn_config`: the header deadline).
 
 Two models back them:
 * `demo_model`: the V4 architecture at tiny sizes with the real tokenizer and random weights, on the
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -21,6 +21,8 @@ import numpy as np
 import uvicorn
 
 import dsv4
+from dsv4.cli.serve import listen_socket
+from dsv4.cli.server.connection import uvicorn_config
 from dsv4.portable.encoding import from_anthropic, from_openai
 
 API_KEY = "test-key-" + "".join(random.choices("abcdef0123456789", k=12))
@@ -35,11 +37,10 @@ def random_text(n: int = 3) -> str:
 
 @contextlib.contextmanager
 def live(app):
-    """Serve `app` on a random free loopback port; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    """Serve `app` on a random free loopback port, bound as `dsv4 serve` binds; yields the base URL."""
+    sock = listen_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -1,5 +1,7 @@
 """Strict parser edge cases (spec §5.2) and the tolerant streaming parser (spec §5.3)."""
 
+import json
+
 import pytest
 
 from dsv4.portable.encoding import (ContentDelta, ParseError, ReasoningDelta, StreamParser, ToolCallEvent,
@@ -136,3 +138,51 @@ def test_odd_inputs_never_raise(text, mode):
     for pieces in (1, 2, 100):
         parser, _ = stream(text, mode, pieces)
         assert DSML not in parser.message()["content"]
+
+
+# ------------------------------------------------------------------ both: values, markup, non-finite numbers
+
+
+def one_call(value, string="false"):
+    return (f'\n\n<{DSML}tool_calls>\n<{DSML}invoke name="f">\n'
+            f'<{DSML}parameter name="a" string="{string}">{value}</{DSML}parameter>\n'
+            f'<{DSML}parameter name="b" string="true">after</{DSML}parameter>\n'
+            f'</{DSML}invoke>\n</{DSML}tool_calls>{EOS}')
+
+
+@pytest.mark.parametrize("value, string, expected", [
+    (f'{{"a": "{DSML}parameter"}}', "false", {"a": f"{DSML}parameter"}),
+    (f'"<{DSML}parameter name=\\"x\\" string=\\"true\\">"', "false", f'<{DSML}parameter name="x" string="true">'),
+    (f"</{DSML}invoke>\n<{DSML}invoke name=\"g\">", "true", f"</{DSML}invoke>\n<{DSML}invoke name=\"g\">"),
+    (f"</{DSML}tool_calls>{EOS}tail", "true", f"</{DSML}tool_calls>{EOS}tail"),
+    (f'["</{DSML}invoke>", {{"<{DSML}tool_calls>": 1}}]', "false", [f"</{DSML}invoke>", {f"<{DSML}tool_calls>": 1}]),
+])
+@pytest.mark.parametrize("pieces", [1, 2, 5, 1000])
+def test_markup_inside_a_value_is_read_as_the_strict_parser_reads_it(value, string, expected, pieces):
+    text = one_call(value, string)
+    strict = parse_completion(text, "chat")
+    assert json.loads(strict["tool_calls"][0]["function"]["arguments"]) == {"a": expected, "b": "after"}
+    parser, events = stream(text, "chat", pieces)
+    assert parser.message() == strict and not parser.malformed
+    assert [e for e in events if isinstance(e, ToolCallEvent)] == [
+        ToolCallEvent(0, "f", strict["tool_calls"][0]["function"]["arguments"])]
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity", "1e400", "-2E+999", "[1, NaN]",
+                                 '{"x": {"y": -Infinity}}', "not json", "[" * 5000 + "]" * 5000])
+def test_a_value_that_is_not_strict_json_is_kept_as_its_raw_text(raw):
+    """NaN/Infinity are not JSON (Python's json would write and read them): the arguments stay strict
+    JSON, with the raw text as a string, in both parsers; the call is never lost."""
+    text = one_call(raw)
+    strict = parse_completion(text, "chat")
+    parser, _ = stream(text, "chat", pieces=3)
+    assert parser.message() == strict
+    arguments = strict["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(arguments, parse_constant=pytest.fail) == {"a": raw, "b": "after"}
+    assert parser.warnings == ['parameter \'a\' is marked string="false" but is not strict JSON; passed as a string']
+
+
+def test_strict_json_values_are_copied_verbatim():
+    text = one_call('{"k":1,  "big": 123456789012345678901234567890, "f": 1.5e300}')
+    arguments = parse_completion(text, "chat")["tool_calls"][0]["function"]["arguments"]
+    assert arguments == '{"a": {"k":1,  "big": 123456789012345678901234567890, "f": 1.5e300}, "b": "after"}'

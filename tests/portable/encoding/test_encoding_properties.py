@@ -1,12 +1,14 @@
 """Hypothesis properties: the encoder never crashes on well-typed input, any split of a completion
-streams to the strict parse, and parse(render(assistant message)) round-trips."""
+streams to the strict parse (DSML markup inside parameter values included), arguments are strict JSON,
+and parse(render(assistant message)) round-trips."""
 
 import json
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsv4.portable.encoding import StreamParser, encode_messages, parse_completion, render_prompt
+from dsv4.portable.encoding import ParseError, StreamParser, encode_messages, parse_completion, render_prompt
+from dsv4.portable.encoding.tokens import DSML, EOS
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -78,30 +80,73 @@ def test_parse_render_round_trip(turn, mode):
         assert got["function"]["arguments"] == json.dumps(sent["function"]["arguments"], ensure_ascii=False)
 
 
+def _stream(text, mode, cuts):
+    parser = StreamParser(mode)
+    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    for a, b in zip(points, points[1:]):
+        parser.feed(text[a:b])
+    parser.finish()
+    return parser
+
+
 @SETTINGS
 @given(assistant_turns(), st.sampled_from(["thinking", "chat"]), st.lists(st.integers(0, 10**6), max_size=12))
 def test_any_split_streams_to_the_strict_parse(turn, mode, cuts):
     text = _completion(turn, mode)
-    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
-    parser = StreamParser(mode)
-    for a, b in zip(points, points[1:]):
-        parser.feed(text[a:b])
-    parser.finish()
+    parser = _stream(text, mode, cuts)
     assert parser.message() == parse_completion(text, mode)
     assert not parser.malformed
 
 
+# Markup a parameter value may carry: a value ends only at `/｜DSML｜parameter`, so every other piece of
+# DSML inside it is plain text to the strict parser.  The closing tag itself is in the list too: it cuts
+# the value short, which either still parses (the stream must agree) or is refused.
+MARKUP = [f"<{DSML}parameter", f'<{DSML}parameter name="k" string="false">', f"{DSML}parameter", DSML,
+          f'<{DSML}invoke name="g">', f"</{DSML}invoke>", f"</{DSML}invoke", f"<{DSML}tool_calls>",
+          f"</{DSML}tool_calls>", ">\n", "\n\n", "<", "</", "</think>", "<think>", EOS, f"</{DSML}parameter>"]
+marked_text = st.lists(st.sampled_from(MARKUP) | safe_text, max_size=4).map("".join)
+marked_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | marked_text,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(marked_text, children, max_size=3),
+    max_leaves=6)
+
+
+@st.composite
+def marked_turns(draw):
+    calls = [{"type": "function", "function": {"name": draw(safe_text | marked_text),
+                                               "arguments": draw(st.dictionaries(safe_text | marked_text,
+                                                                                 marked_values, max_size=3))}}
+             for _ in range(draw(st.integers(0, 3)))]
+    return {"role": "assistant", "reasoning_content": draw(safe_text), "content": draw(safe_text),
+            "tool_calls": calls}
+
+
+def _refuse(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(marked_turns(), st.sampled_from(["thinking", "chat"]), st.lists(st.integers(0, 10**6), max_size=16))
+def test_markup_inside_values_streams_to_the_strict_parse(turn, mode, cuts):
+    text = _completion(turn, mode)
+    parser = _stream(text, mode, cuts)
+    try:
+        expected = parse_completion(text, mode)
+    except ParseError:
+        assert DSML not in parser.message()["content"]
+        return
+    assert parser.message() == expected
+    for call in expected["tool_calls"]:       # strict JSON even where a value was NaN or Infinity
+        args = json.loads(call["function"]["arguments"], parse_constant=_refuse)
+        json.dumps(args, allow_nan=False)
+
+
 FRAGMENTS = ["</think>", "<think>", "\n\n", "<", "</", "\uff5cDSML\uff5c", "tool_calls>", "invoke name=\"f\">",
              'parameter name="k" string="false">', "parameter>", "\n", "<\uff5cend\u2581of\u2581sentence\uff5c>"]
-garbage = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=5), max_size=25).map("".join)
+garbage = st.lists(st.sampled_from(FRAGMENTS + MARKUP) | st.text(max_size=5), max_size=25).map("".join)
 
 
 @SETTINGS
 @given(garbage, st.lists(st.integers(0, 100), max_size=8), st.sampled_from(["thinking", "chat"]))
 def test_stream_parser_never_raises_on_garbage(text, cuts, mode):
-    parser = StreamParser(mode)
-    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
-    for a, b in zip(points, points[1:]):
-        parser.feed(text[a:b])
-    parser.finish()
-    assert "\uff5cDSML\uff5c" not in parser.message()["content"]
+    assert DSML not in _stream(text, mode, cuts).message()["content"]

@@ -59,8 +59,21 @@ def test_token_bytes_agree_with_decode(official):
     # Python's "replace" and the Rust decoder substitute invalid UTF-8 the same way.
     for token_id in range(0, official.vocab_size, 7):
         assert official.token_bytes(token_id).decode("utf-8", "replace") == official.decode([token_id])
-    with pytest.raises(ValueError):
-        official.token_bytes(official.vocab_size)
+
+
+@pytest.mark.parametrize("unknown", [984, 1023, 5000, -1])
+def test_ids_the_tokenizer_lacks_decode_to_the_replacement_character(tiny, unknown):
+    """A padded embedding (tiny models: 1,024 ids, 984 tokens) lets a model sample an id the tokenizer
+    does not have: every decoding path shows it as U+FFFD instead of raising or dropping it."""
+    assert tiny.vocab_size == 984
+    ids = tiny.encode("ok") + [unknown] + tiny.encode("中")
+    assert tiny.decode(ids) == "ok\ufffd中"
+    assert tiny.token_bytes(unknown) == "\ufffd".encode()
+    detok = IncrementalDetokenizer(tiny)
+    assert detok.push_many(ids) + detok.flush() == "ok\ufffd中"
+    first = tiny.encode("🤖")[:1]                      # the first byte of a four-byte character
+    detok = IncrementalDetokenizer(tiny)
+    assert detok.push_many(first + [unknown]) + detok.flush() == tiny.decode(first + [unknown]) == "\ufffd\ufffd"
 
 
 @pytest.mark.parametrize("text", SAMPLES)

@@ -2,7 +2,8 @@
 
 Layout: `engine` (scheduler thread that owns the model), `generation` (token ids → text events),
 `openai_api` / `anthropic_api` (the two wire formats), `fields` (request validation), `errors`,
-`sse`, and `app` (`build_app`, routing, API keys).
+`sse`, `intake` (Host, content type, body size and read deadline, before any route), `connection`
+(the uvicorn config with a header deadline) and `app` (`build_app`, routing, API keys).
 """
 
 from .app import build_app

@@ -54,7 +54,7 @@ def _tool_use(ev: ToolCallEvent) -> dict:
 
 
 async def messages(state, request):
-    body = Body(await request.body())
+    body = await Body.read(request)
     _check_request(body, state)
     max_tokens = body.integer("max_tokens", None, 1)
     if max_tokens is None:
@@ -144,9 +144,12 @@ async def _stream(gen, head):
 
 
 async def count_tokens(state, request):
-    body = Body(await request.body())
+    """The prompt's token count, refused like `/v1/messages` refuses it when it does not fit the
+    context (so a count is also the answer to "would this prompt be accepted")."""
+    body = await Body.read(request)
     _check_request(body, state)
     _, prompt = await _encode(body, state)
+    state.budget(len(prompt), None, "max_tokens")
     return JSONResponse({"input_tokens": len(prompt)})
 
 

@@ -42,6 +42,15 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its bound; the HTTP layer answers 429."""
 
 
+def describe(error: Exception) -> str:
+    """What a client is told about a failed step: the message of a ValueError or of dsv4's own errors
+    (written for users: "the model produced NaN or Inf logits ..."), nothing of any other exception,
+    whose text is an internal detail (the log has the traceback)."""
+    if isinstance(error, ValueError) or type(error).__module__.startswith("dsv4."):
+        return str(error) or type(error).__name__
+    return "internal error (the server log has the details)"
+
+
 @dataclass(frozen=True)
 class Finished:
     """Last event of a job.  reason: "stop" (a stop id), "length", "cancelled" or "error"."""
@@ -161,7 +170,7 @@ class Engine:
                 self._prefill_chunk(job)
             except Exception as e:  # a bad job must not take the scheduler down
                 log.exception("prefill failed")
-                self._finish(job, "error", f"{type(e).__name__}: {e}")
+                self._finish(job, "error", describe(e))
         decoding = [j for j in self._running if j.pending is not None]
         if decoding:
             try:
@@ -171,7 +180,7 @@ class Engine:
                 self._group = None
                 for job in decoding:
                     job.state = None
-                    self._finish(job, "error", f"{type(e).__name__}: {e}")
+                    self._finish(job, "error", describe(e))
 
     def _prefill_chunk(self, job: Job) -> None:
         if not job.started:

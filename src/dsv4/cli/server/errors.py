@@ -8,11 +8,11 @@ because a client library only understands its own: OpenAI clients read
 
 from __future__ import annotations
 
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
-                    429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
-_OPENAI_TYPES = {401: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-                 503: "server_error"}
+from fastapi.responses import JSONResponse
+
+_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+_OPENAI_TYPES = {429: "rate_limit_error"}
 
 
 class APIError(Exception):
@@ -28,10 +28,20 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def openai_error_body(err: APIError) -> dict:
-    return {"error": {"message": err.message, "type": _OPENAI_TYPES.get(err.status, "invalid_request_error"),
-                      "param": err.param, "code": err.code}}
+    kind = _OPENAI_TYPES.get(err.status, "server_error" if err.status >= 500 else "invalid_request_error")
+    return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
 
 
 def anthropic_error_body(err: APIError) -> dict:
-    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(err.status, "api_error"),
-                                       "message": err.message}}
+    kind = _ANTHROPIC_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def is_anthropic(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
+def error_response(path: str, err: APIError, headers: dict | None = None) -> JSONResponse:
+    """`err` in the format of the API family that serves `path`."""
+    body = anthropic_error_body(err) if is_anthropic(path) else openai_error_body(err)
+    return JSONResponse(body, status_code=err.status, headers=headers)

@@ -4,16 +4,26 @@ Why not pydantic models: each API must answer in its own error format with the o
 named, unknown fields must pass (clients send many we ignore), and the request is handed on as a plain
 dict to the encoding layer's `from_openai` / `from_anthropic`.  So a body is parsed once and its
 fields are read with their expected JSON types; every mistake is an `APIError(400)`.
+
+What no field may hold, checked once over the whole body: nesting deeper than `MAX_DEPTH` (the encoder
+copies and dumps requests recursively, and a 500-deep tool schema exhausted Python's recursion), a lone
+UTF-16 surrogate (JSON can escape one, `\\ud800`, but it is not Unicode text and cannot be tokenized),
+and NaN or Infinity (not JSON, though Python's parser takes them).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
+import re
 
-from dsv4.portable.sampling import SamplingParams
+from dsv4.portable.sampling import SamplingError, SamplingParams
 
 from .errors import bad_request
 
+MAX_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
           "array": (list,), "object": (dict,)}
 
@@ -35,17 +45,60 @@ def _is(value, kind: str) -> bool:
     return isinstance(value, _TYPES[kind])
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _where(path: tuple) -> str:
+    """A body path in JavaScript notation: messages[0].content."""
+    return "".join(f"[{k}]" if isinstance(k, int) else (f".{k}" if i else k) for i, k in enumerate(path))
+
+
+def _check_tree(data: dict) -> None:
+    """Refuse what no field may hold (module docstring); iterative, so depth costs no recursion."""
+    stack = [(data, 1, ())]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad_request(f"'{_where(path[:3])}...' is nested more than {MAX_DEPTH} levels deep", path[0])
+        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(value, str):
+                if _SURROGATE.search(value):
+                    raise bad_request(f"'{_where(path + (key,))}' contains a lone UTF-16 surrogate, which is "
+                                      "not Unicode text", (path + (key,))[0])
+            elif isinstance(value, (dict, list)):
+                stack.append((value, depth + 1, path + (key,)))
+            if isinstance(key, str) and _SURROGATE.search(key):
+                raise bad_request(f"a key in '{_where(path) or 'the body'}' contains a lone UTF-16 surrogate",
+                                  path[0] if path else None)
+
+
 class Body:
     """A parsed JSON object body."""
 
     def __init__(self, raw: bytes):
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+            data = json.loads(raw, parse_float=_finite, parse_constant=_not_json)
+        except RecursionError:
+            raise bad_request(f"the request body is nested more than {MAX_DEPTH} levels deep") from None
+        except ValueError as e:              # UnicodeDecodeError included
             raise bad_request(f"the request body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise bad_request(f"the request body must be a JSON object, got {_json_type(data)}")
+        _check_tree(data)
         self.data = data
+
+    @classmethod
+    async def read(cls, request) -> "Body":
+        """The request's body, parsed and checked off the event loop (it may be megabytes)."""
+        return await asyncio.to_thread(cls, await request.body())
 
     def get(self, name: str, *kinds: str, default=None, required: bool = False):
         """The value of `name` if it has one of the JSON `kinds`; `default` when absent or null."""
@@ -58,12 +111,11 @@ class Body:
             raise bad_request(f"'{name}' must be of type {' or '.join(kinds)}, got {_json_type(value)}", name)
         return value
 
-    def number(self, name: str, default, low: float, high: float, low_open: bool = False):
-        """A number in [low, high] (or (low, high] with `low_open`)."""
+    def number(self, name: str, default, low: float, high: float):
+        """A number in [low, high]."""
         value = self.get(name, "number", default=default)
-        if value is not None and not ((low < value if low_open else low <= value) and value <= high):
-            span = f"{'(' if low_open else '['}{low}, {high}]"
-            raise bad_request(f"'{name}' must be in {span}, got {value}", name)
+        if value is not None and not low <= value <= high:
+            raise bad_request(f"'{name}' must be in [{low}, {high}], got {value}", name)
         return value
 
     def integer(self, name: str, default, low: int, high: int | None = None):
@@ -92,15 +144,20 @@ class Body:
 
 def sampling_params(body: Body, max_temperature: float) -> SamplingParams:
     """Sampler settings shared by all endpoints (top_k/min_p/repetition_penalty are the common
-    open-source extensions; presence/frequency penalties and logit_bias are refused unless neutral)."""
+    open-source extensions; presence/frequency penalties and logit_bias are refused unless neutral).
+    The API caps temperature; every other bound is the sampler's own (`SamplingParams`), so what is
+    accepted here is exactly what the sampler runs."""
     body.unsupported_unless("presence_penalty", (0, 0.0))
     body.unsupported_unless("frequency_penalty", (0, 0.0))
     body.unsupported_unless("logit_bias", ({},))
-    top_k = body.integer("top_k", 0, -1)
-    return SamplingParams(
-        temperature=body.number("temperature", 1.0, 0.0, max_temperature),
-        top_p=body.number("top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=max(top_k, 0),
-        min_p=body.number("min_p", 0.0, 0.0, 0.999),
-        repetition_penalty=body.number("repetition_penalty", 1.0, 0.0, 100.0, low_open=True),
-        seed=body.get("seed", "integer"))
+    top_k = body.integer("top_k", 0, -1)             # -1: the common spelling of "off"
+    try:
+        return SamplingParams(
+            temperature=body.number("temperature", 1.0, 0.0, max_temperature),
+            top_p=body.get("top_p", "number", default=1.0),
+            top_k=max(top_k, 0),
+            min_p=body.get("min_p", "number", default=0.0),
+            repetition_penalty=body.get("repetition_penalty", "number", default=1.0),
+            seed=body.get("seed", "integer"))
+    except SamplingError as e:
+        raise bad_request(str(e), e.param) from None

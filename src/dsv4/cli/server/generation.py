@@ -17,6 +17,9 @@ from dsv4.portable.sampling import SamplingParams
 from .engine import Finished, Job, QueueFull
 from .errors import APIError
 
+DISCONNECT_POLL_S = 0.25      # how often a non-streaming request checks that its client is still there
+_GONE = object()              # queued by the disconnect watcher
+
 
 @dataclass(frozen=True)
 class GenParams:
@@ -108,13 +111,18 @@ class Generation:
     async def events(self, is_disconnected=None):
         """Yield TokenInfo, ReasoningDelta, ContentDelta and ToolCallEvent events, then one `Done`.
 
-        `is_disconnected` (an async callable) is polled while waiting, for non-streaming requests;
-        streaming responses are cancelled by the server instead.  Either way the job is cancelled
-        when this generator is left early."""
+        `is_disconnected` (an async callable), for non-streaming requests, is polled by a watcher task
+        every DISCONNECT_POLL_S whether tokens flow or not (checking only when tokens paused let a
+        gone client's job run to the end of its budget); a disconnect cancels the job and raises
+        `ClientGone` here.  Streaming responses are cancelled by the server instead.  Either way the
+        job is cancelled when this generator is left early."""
+        watcher = asyncio.create_task(self._watch(is_disconnected)) if is_disconnected else None
         count = 0
         try:
             while True:
-                event = await self._next(is_disconnected)
+                event = await self._queue.get()
+                if event is _GONE:
+                    raise ClientGone()
                 if isinstance(event, Finished):
                     for out in self._text(self._detok.flush(), final=True):
                         yield out
@@ -136,16 +144,14 @@ class Generation:
                     return
         finally:
             self.job.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
-    async def _next(self, is_disconnected):
-        if is_disconnected is None:
-            return await self._queue.get()
-        while True:
-            try:
-                return await asyncio.wait_for(self._queue.get(), 0.5)
-            except asyncio.TimeoutError:
-                if await is_disconnected():
-                    raise ClientGone() from None
+    async def _watch(self, is_disconnected) -> None:
+        while not await is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        self.job.cancel()
+        self._queue.put_nowait(_GONE)
 
     def _text(self, text: str, final: bool, matcher: bool = True):
         if matcher:

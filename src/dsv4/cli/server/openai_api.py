@@ -83,7 +83,7 @@ def _max_tokens(body: Body, state, prompt_len: int, default: int | None) -> int:
 
 
 async def chat_completions(state, request):
-    body = Body(await request.body())
+    body = await Body.read(request)
     stream = _check_common(body, state)
     body.get("messages", "array", required=True)
     for name, kinds in (("tools", ("array",)), ("tool_choice", ("string", "object")),
@@ -170,22 +170,26 @@ async def _chat_stream(state, gen, head, logprobs, include_usage, thinking):
 # ---------------------------------------------------------------- legacy completions
 
 
-def _completion_prompt(body: Body, state) -> list:
+async def _completion_prompt(body: Body, state) -> list:
     """A string (tokenized after BOS, as raw text) or a list of token ids; batches of one are unwrapped."""
     prompt = body.get("prompt", "string", "array", required=True)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return [state.tokenizer.bos_id] + state.tokenizer.encode(prompt)
-    vocab = state.tokenizer.vocab_size
-    if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
-        raise bad_request("'prompt' must be a string, or one non-empty list of token ids in "
-                          f"[0, {vocab}); batched prompts are not supported", "prompt")
+        return await state.encode_text(prompt)
+    if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise bad_request("'prompt' must be a string, or one non-empty list of token ids; batched prompts "
+                          "are not supported", "prompt")
+    vocab = state.tokenizer.vocab_size          # never above the model's (checked at load)
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise bad_request(f"'prompt' holds token id {bad}, outside the vocabulary of {vocab} ids "
+                          f"(0..{vocab - 1})", "prompt")
     return list(prompt)
 
 
 async def completions(state, request):
-    body = Body(await request.body())
+    body = await Body.read(request)
     stream = _check_common(body, state)
     body.unsupported_unless("echo", (False,))
     body.unsupported_unless("suffix", ("",))
@@ -194,7 +198,7 @@ async def completions(state, request):
     params_sampling = sampling_params(body, max_temperature=2.0)
     stop = body.strings("stop", max_items=16)
     include_usage = _include_usage(body, stream)
-    prompt = _completion_prompt(body, state)
+    prompt = await _completion_prompt(body, state)
     params = GenParams(_max_tokens(body, state, len(prompt), 16), params_sampling, stop, top)
     gen = Generation(state.engine, state.tokenizer, prompt, params, "raw")
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),

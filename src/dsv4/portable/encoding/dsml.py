@@ -7,6 +7,7 @@ which is what the model saw in training (`", "` / `": "` separators, raw non-ASC
 from __future__ import annotations
 
 import json
+import math
 
 from .errors import EncodingError
 from .pieces import Prompt
@@ -77,11 +78,34 @@ def render_tool_calls(prompt: Prompt, tool_calls: list) -> None:
     prompt.template(f"\n{TOOL_CALLS_CLOSE}")
 
 
+def is_strict_json(text: str) -> bool:
+    """Whether `text` is one JSON value as RFC 8259 defines it.  Python's `json` also reads `NaN`,
+    `Infinity` and `-Infinity`, and reads `1e400` as inf, which no strict JSON parser (and no
+    `json.dumps(..., allow_nan=False)`) accepts; nesting too deep to read counts as not JSON."""
+    try:
+        json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} does not fit a double")
+    return value
+
+
 def arguments_json(params: list) -> str:
     """OpenAI `arguments` string from parsed `(key, is_string, raw_value)` triples (spec §5.2 step 3d).
 
     String values are JSON-quoted; other values are copied verbatim, as the reference does, so a
-    well-formed completion round-trips byte for byte.
+    well-formed completion round-trips byte for byte (the parser passes a value that is not strict JSON
+    as a string, so the result is always strict JSON).
     """
     items = (f"{dumps(key)}: {dumps(raw) if is_string else raw}" for key, is_string, raw in params)
     return "{" + ", ".join(items) + "}"

@@ -18,6 +18,8 @@ These are API-boundary conventions, not part of DeepSeek's reference; the decisi
   system prompt's response-format section.
 * OpenAI `prefix: true` on the final assistant message and an Anthropic final assistant message
   (prefill) both become `wo_eos`: the model continues that text.
+* Every field read has its JSON type checked (text is a string, an id is a string, a schema is an
+  object...), so a malformed request is a `RequestError` naming the field, never a crash further on.
 """
 
 from __future__ import annotations
@@ -50,6 +52,30 @@ class EncoderInput:
         return asdict(self)
 
 
+def _kind(value) -> str:
+    """The JSON type of a decoded value, for messages."""
+    for types, name in ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"),
+                        (dict, "object")):
+        if isinstance(value, types):
+            return name
+    return "null" if value is None else type(value).__name__
+
+
+def _string(value, where: str, default: str | None = "") -> str | None:
+    """`value` when it is a string, `default` when it is absent (None); otherwise a RequestError."""
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise RequestError(f"{where} must be a string, got {_kind(value)}")
+    return value
+
+
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise RequestError(f"{where} must be an object, got {_kind(value)}")
+    return value
+
+
 def map_reasoning_effort(effort, effort_table: str = "2604"):
     """An API effort name -> a value of the checkpoint's effort table (None stays None)."""
     if effort is None:
@@ -71,12 +97,12 @@ def from_openai(request: dict, effort_table: str = "2604", default_thinking: boo
     raw = request.get("messages")
     if not isinstance(raw, list) or not raw:
         raise RequestError("messages must be a non-empty list")
-    kwargs = request.get("chat_template_kwargs") or {}
+    kwargs = _object(request.get("chat_template_kwargs") or {}, "chat_template_kwargs")
     thinking = _openai_thinking(request, kwargs, default_thinking)
     effort = request.get("reasoning_effort")
     if effort == "none":
         thinking, effort = False, None
-    messages = [_openai_message(m, is_last=k == len(raw) - 1) for k, m in enumerate(raw)]
+    messages = [_openai_message(m, f"messages[{k}]", is_last=k == len(raw) - 1) for k, m in enumerate(raw)]
     _attach_response_format(messages, request.get("response_format"))
     tools = _tools_for_choice(_openai_tools(request.get("tools")), request.get("tool_choice"))
     return EncoderInput(messages=messages, thinking_mode="thinking" if thinking else "chat",
@@ -97,22 +123,26 @@ def _openai_thinking(request, kwargs, default):
     return default
 
 
-def _openai_message(m, is_last):
+def _openai_message(m, where, is_last):
     if not isinstance(m, dict):
-        raise RequestError("each message must be an object")
+        raise RequestError(f"{where}: each message must be an object")
     role = m.get("role")
     if role in ("system", "developer"):
-        return {"role": "system", "content": _text_only(m.get("content"), role)}
+        return {"role": "system", "content": _text_only(m.get("content"), f"{where}.content")}
     if role == "user":
-        return {"role": "user", "content": _text_only(m.get("content"), role)}
+        return {"role": "user", "content": _text_only(m.get("content"), f"{where}.content")}
     if role == "tool":
-        return {"role": "tool", "tool_call_id": m.get("tool_call_id") or "",
-                "content": _text_only(m.get("content"), role)}
+        return {"role": "tool", "tool_call_id": _string(m.get("tool_call_id"), f"{where}.tool_call_id"),
+                "content": _text_only(m.get("content"), f"{where}.content")}
     if role == "assistant":
-        out = {"role": "assistant", "content": _text_only(m.get("content"), role),
-               "reasoning_content": m.get("reasoning_content", m.get("reasoning")) or ""}
-        if m.get("tool_calls"):
-            out["tool_calls"] = [_openai_tool_call(c) for c in m["tool_calls"]]
+        reasoning = m.get("reasoning_content", m.get("reasoning"))
+        out = {"role": "assistant", "content": _text_only(m.get("content"), f"{where}.content"),
+               "reasoning_content": _text_only(reasoning, f"{where}.reasoning_content")}
+        calls = m.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                raise RequestError(f"{where}.tool_calls must be an array, got {_kind(calls)}")
+            out["tool_calls"] = [_openai_tool_call(c, f"{where}.tool_calls[{i}]") for i, c in enumerate(calls)]
         if m.get("prefix"):
             if not is_last:
                 raise RequestError("prefix: true is only allowed on the last message")
@@ -121,22 +151,32 @@ def _openai_message(m, is_last):
     raise RequestError(f"unsupported message role {role!r}")
 
 
-def _openai_tool_call(call):
+def _openai_tool_call(call, where):
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise RequestError("each tool call needs function.name")
-    return {"id": call.get("id"), "type": "function",
+        raise RequestError(f"{where}: each tool call needs function.name")
+    return {"id": _string(call.get("id"), f"{where}.id", default=None), "type": "function",
             "function": {"name": function["name"], "arguments": function.get("arguments")}}
 
 
 def _openai_tools(tools):
     if not tools:
         return None
-    for tool in tools:
+    for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" \
                 or not isinstance(tool.get("function"), dict):
             raise RequestError("only function tools are supported: {'type': 'function', 'function': {...}}")
+        _check_tool(tool["function"], f"tools[{i}].function", "parameters")
     return [{"type": "function", "function": tool["function"]} for tool in tools]
+
+
+def _check_tool(function: dict, where: str, schema_key: str) -> None:
+    """A tool definition's name (a non-empty string), description (a string) and schema (an object)."""
+    if not _string(function.get("name"), f"{where}.name"):
+        raise RequestError(f"{where}.name must be a non-empty string")
+    _string(function.get("description"), f"{where}.description")
+    if function.get(schema_key) is not None:
+        _object(function[schema_key], f"{where}.{schema_key}")
 
 
 def _tools_for_choice(tools, choice):
@@ -149,31 +189,37 @@ def _tools_for_choice(tools, choice):
 
 
 def _attach_response_format(messages, response_format):
-    if not response_format or response_format.get("type", "text") == "text":
+    if response_format is None:
         return
-    if response_format["type"] == "json_object":
+    kind = _string(_object(response_format, "response_format").get("type"), "response_format.type", "text")
+    if kind == "text":
+        return
+    if kind == "json_object":
         schema = {"type": "object"}
-    elif response_format["type"] == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        if schema is None:
+    elif kind == "json_schema":
+        spec = _object(response_format.get("json_schema"), "response_format.json_schema")
+        if spec.get("schema") is None:
             raise RequestError("response_format json_schema needs json_schema.schema")
+        schema = _object(spec["schema"], "response_format.json_schema.schema")
     else:
-        raise RequestError(f"unsupported response_format type {response_format['type']!r}")
+        raise RequestError(f"unsupported response_format type {kind!r}")
     if messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": ""})
     messages[0]["response_format"] = schema
 
 
-def _text_only(content, role):
-    """Content as a string; only text parts are allowed in part lists."""
+def _text_only(content, where):
+    """Content as a string; a part list may hold only strings and text parts with string `text`."""
     if isinstance(content, list):
-        for part in content:
-            if not (isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text")):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RequestError(f"{role} content part of type {kind!r} is not supported "
+        for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "text":
+                _string(part.get("text"), f"{where}[{j}].text")
+            elif not isinstance(part, str):
+                kind = part.get("type") if isinstance(part, dict) else _kind(part)
+                raise RequestError(f"{where}[{j}]: content part of type {kind!r} is not supported "
                                    "(DeepSeek V4 is a text model)")
     elif content is not None and not isinstance(content, str):
-        raise RequestError(f"{role} content must be a string or a list of parts")
+        raise RequestError(f"{where} must be a string or a list of parts, got {_kind(content)}")
     return flatten_content(content)
 
 
@@ -191,9 +237,10 @@ def from_anthropic(request: dict, effort_table: str = "2604", default_thinking: 
     for k, m in enumerate(raw):
         role = m.get("role") if isinstance(m, dict) else None
         if role == "user":
-            messages.extend(_anthropic_user(m.get("content")))
+            messages.extend(_anthropic_user(m.get("content"), f"messages[{k}].content"))
         elif role == "assistant":
-            messages.append(_anthropic_assistant(m.get("content"), prefill=k == len(raw) - 1))
+            messages.append(_anthropic_assistant(m.get("content"), f"messages[{k}].content",
+                                                 prefill=k == len(raw) - 1))
         else:
             raise RequestError(f"unsupported message role {role!r}")
     tools = _tools_for_choice(_anthropic_tools(request.get("tools")), request.get("tool_choice"))
@@ -209,28 +256,29 @@ def _anthropic_thinking(switch, default):
     return switch["type"] != "disabled"
 
 
-def _blocks(content):
+def _blocks(content, where):
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
-        raise RequestError("content must be a string or a list of blocks")
+        raise RequestError(f"{where}: content must be a string or a list of blocks")
     return content
 
 
-def _anthropic_user(content):
+def _anthropic_user(content, where):
     """User blocks -> user messages and tool messages, in block order."""
     out, texts = [], []
-    for block in _blocks(content):
+    for j, block in enumerate(_blocks(content, where)):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            texts.append(block.get("text") or "")
+            texts.append(_string(block.get("text"), f"{where}[{j}].text"))
         elif kind == "tool_result":
             if texts:
                 out.append({"role": "user", "content": "\n\n".join(texts)})
                 texts = []
             result = block.get("content")
-            out.append({"role": "tool", "tool_call_id": block.get("tool_use_id") or "",
-                        "content": _text_only(_blocks(result) if result is not None else None, "tool_result")})
+            inner = f"{where}[{j}].content"
+            out.append({"role": "tool", "tool_call_id": _string(block.get("tool_use_id"), f"{where}[{j}].tool_use_id"),
+                        "content": _text_only(_blocks(result, inner) if result is not None else None, inner)})
         else:
             raise RequestError(f"user content block of type {kind!r} is not supported "
                                "(DeepSeek V4 is a text model)")
@@ -239,19 +287,22 @@ def _anthropic_user(content):
     return out
 
 
-def _anthropic_assistant(content, prefill):
+def _anthropic_assistant(content, where, prefill):
     texts, thoughts, calls = [], [], []
-    for block in _blocks(content):
+    for j, block in enumerate(_blocks(content, where)):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            texts.append(block.get("text") or "")
+            texts.append(_string(block.get("text"), f"{where}[{j}].text"))
         elif kind == "thinking":
-            thoughts.append(block.get("thinking") or "")
+            thoughts.append(_string(block.get("thinking"), f"{where}[{j}].thinking"))
         elif kind == "tool_use":
             if not isinstance(block.get("name"), str):
                 raise RequestError("tool_use blocks need a string name")
-            calls.append({"id": block.get("id"), "type": "function",
-                          "function": {"name": block.get("name"), "arguments": block.get("input") or {}}})
+            arguments = block.get("input")
+            calls.append({"id": _string(block.get("id"), f"{where}[{j}].id", default=None), "type": "function",
+                          "function": {"name": block["name"],
+                                       "arguments": {} if arguments is None else _object(arguments,
+                                                                                         f"{where}[{j}].input")}})
         elif kind != "redacted_thinking":  # opaque to us; nothing to render
             raise RequestError(f"assistant content block of type {kind!r} is not supported")
     out = {"role": "assistant", "content": "\n\n".join(texts), "reasoning_content": "\n\n".join(thoughts)}
@@ -266,9 +317,10 @@ def _anthropic_tools(tools):
     if not tools:
         return None
     out = []
-    for tool in tools:
+    for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or "input_schema" not in tool or not tool.get("name"):
             raise RequestError("only custom tools with name and input_schema are supported")
+        _check_tool(tool, f"tools[{i}]", "input_schema")
         function = {"name": tool["name"]}
         if tool.get("description"):
             function["description"] = tool["description"]

@@ -2,13 +2,18 @@
 
 Decoded text arrives in arbitrary pieces; the parser emits reasoning deltas, content deltas and one
 event per completed tool call.  It never raises on model output and never lets DSML markup into
-content.  What it does with malformed output (each case adds a line to `warnings`):
+content.  Tool calls are read by the strict parser's own `ToolCallsReader`, told to warn instead of
+raising, so a parameter value is read exactly as the strict parser reads it, DSML markup inside it
+included.  What it does with malformed output (each case adds a line to `warnings`):
 
 * a DSML tool block before `</think>` ends the reasoning implicitly (V4 sometimes forgets `</think>`);
 * reasoning that never closes stays reasoning (its deltas were already streamed);
 * DSML outside a well-formed block, or a block cut off by the length limit, is cut out of the content
   together with everything after it, keeping the invokes that did complete;
-* a `string="false"` value that is not JSON becomes a JSON string, so `arguments` is always JSON;
+* inside a block, a bad separator is ignored, an invoke with an unreadable header or a malformed
+  parameter is dropped, and a repeated parameter keeps its first value;
+* a `string="false"` value that is not strict JSON becomes a JSON string (the strict parser does the
+  same), so `arguments` is always strict JSON;
 * text after a closed tool block is passed through as content; a further block is parsed again.
 
 A missing EOS is not an error (servers strip the stop token).  For every well-formed completion,
@@ -17,13 +22,10 @@ however it is split, `message()` equals `parse_completion()` of the whole text.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 
-from .dsml import arguments_json
-from .parser import PARAM_END, PARAM_RE
-from .tokens import DSML, EOS, INVOKE_CLOSE, INVOKE_OPEN, PARAM_OPEN, THINK_CLOSE, TOOL_CALLS_CLOSE
+from .parser import ToolCallsReader
+from .tokens import DSML, EOS, THINK_CLOSE, TOOL_CALLS_CLOSE
 
 _REASONING, _CONTENT, _TOOLS, _DONE = "reasoning", "content", "tools", "done"
 _BLOCK_START = f"<{DSML}tool_calls"
@@ -31,8 +33,6 @@ _REASONING_STOPS = (THINK_CLOSE, "\n\n" + _BLOCK_START, _BLOCK_START, EOS)
 _CONTENT_STOPS = (DSML, EOS)
 # Suffixes worth holding back in content: anything that may still grow into DSML markup or EOS.
 _CONTENT_HOLD = (f"\n\n<{DSML}", f"\n\n</{DSML}", f"<{DSML}", f"</{DSML}", DSML, EOS)
-_TOOLS_STOPS = (INVOKE_CLOSE, TOOL_CALLS_CLOSE, EOS)
-_INVOKE_NAME_RE = re.compile(r'\s*name="(.*?)">\s*$', re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class StreamParser:
     def __init__(self, thinking_mode: str = "thinking"):
         self._state = _REASONING if thinking_mode == "thinking" else _CONTENT
         self._buf = ""
+        self._tools: ToolCallsReader | None = None     # the open tool block's reader (state _TOOLS)
         self._after_tools = False
         self._reasoning: list[str] = []
         self._content: list[str] = []
@@ -110,11 +111,10 @@ class StreamParser:
             self._state = _CONTENT
         elif stop == EOS:
             self._warn("reasoning was not closed with </think>")
-            self._end_at_eos(pos)
+            self._end_at(pos + len(EOS))
         else:
             self._warn("tool calls started before </think>")
-            self._buf = self._buf[self._buf.index(_BLOCK_START, pos):]
-            self._state = _TOOLS
+            self._open_tools(self._buf.index(_BLOCK_START, pos) + len(_BLOCK_START))
         return True
 
     def _step_content(self, events, final) -> bool:
@@ -126,7 +126,7 @@ class StreamParser:
             return False
         if stop == EOS:
             self._emit(events, self._content, ContentDelta, self._buf[:pos])
-            self._end_at_eos(pos)
+            self._end_at(pos + len(EOS))
             return True
         start = pos - 2 if self._buf.endswith("</", 0, pos) else pos - 1 if self._buf.endswith("<", 0, pos) else pos
         markup = self._buf[start:start + len(_BLOCK_START)]
@@ -136,41 +136,32 @@ class StreamParser:
             self._warn("DSML markup outside a tool_calls block was removed")
         end = start - 2 if self._buf.endswith("\n\n", 0, start) else start
         self._emit(events, self._content, ContentDelta, self._buf[:end])
-        self._buf = self._buf[start:]
-        self._state = _TOOLS
+        # A block is read from after its opening tag; stray markup from itself, as a block missing it.
+        self._open_tools(start + len(_BLOCK_START) if markup == _BLOCK_START else start)
         return True
 
     def _step_tools(self, events, final) -> bool:
-        pos, stop = _earliest(self._buf, _TOOLS_STOPS)
-        if stop == INVOKE_CLOSE:
-            self._complete_invoke(events, self._buf[:pos])
-            self._buf = self._buf[pos + len(stop):]
-            return True
-        if stop == TOOL_CALLS_CLOSE:
-            if INVOKE_OPEN in self._buf[:pos]:
-                self._warn("an unterminated invoke was dropped")
-            self._buf = self._buf[pos + len(stop):]
+        reader = self._tools
+        for call in reader.read(self._buf, final):
+            function = call["function"]
+            events.append(ToolCallEvent(len(self.tool_calls), function["name"], function["arguments"]))
+            self.tool_calls.append(call)
+        if not reader.done:
+            return False
+        self._tools = None
+        if reader.end == TOOL_CALLS_CLOSE:
+            self._buf = self._buf[reader.pos:]
             self._after_tools = True
             self._state = _CONTENT
             return True
-        if stop == EOS or final:
-            self._warn("the tool_calls block was not closed; its unfinished part was dropped")
-            if stop == EOS:
-                self._end_at_eos(pos)
-            self._state = _DONE
+        self._end_at(reader.pos)
         return False
 
     # ------------------------------------------------------------ helpers
-    def _complete_invoke(self, events, chunk: str) -> None:
-        start = chunk.find(INVOKE_OPEN)
-        parsed = _parse_invoke(chunk[start + len(INVOKE_OPEN):], self._warn) if start != -1 else None
-        if parsed is None:
-            self._warn("a malformed invoke was dropped")
-            return
-        name, arguments = parsed
-        event = ToolCallEvent(len(self.tool_calls), name, arguments)
-        self.tool_calls.append({"type": "function", "function": {"name": name, "arguments": arguments}})
-        events.append(event)
+    def _open_tools(self, start: int) -> None:
+        self._buf = self._buf[start:]
+        self._tools = ToolCallsReader(warn=self._warn)
+        self._state = _TOOLS
 
     def _emit(self, events, sink, kind, text: str) -> None:
         if not text:
@@ -185,8 +176,9 @@ class StreamParser:
         self._emit(events, sink, kind, self._buf[:len(self._buf) - keep])
         self._buf = self._buf[len(self._buf) - keep:]
 
-    def _end_at_eos(self, pos: int) -> None:
-        if self._buf[pos + len(EOS):].strip():
+    def _end_at(self, end: int) -> None:
+        """The completion ends at `end` (after its EOS); anything after it is ignored."""
+        if self._buf[end:].strip():
             self._warn("text after the end of the completion was ignored")
         self._buf = ""
         self._state = _DONE
@@ -216,35 +208,3 @@ def _held_suffix(buf: str, stops) -> int:
                 break
     return longest
 
-
-def _parse_invoke(body: str, warn):
-    """(name, arguments JSON) of one invoke body (after `<｜DSML｜invoke`), or None if unusable."""
-    head, *param_chunks = body.split(PARAM_OPEN)
-    m = _INVOKE_NAME_RE.match(head)
-    if m is None:
-        return None
-    params, seen = [], set()
-    for chunk in param_chunks:
-        p = PARAM_RE.match(chunk.split(PARAM_END)[0])
-        if p is None:
-            warn("a malformed parameter was dropped")
-            continue
-        key, flag, value = p.groups()
-        if key in seen:
-            warn(f"duplicate parameter {key!r}: the first value was kept")
-            continue
-        seen.add(key)
-        is_string = flag == "true"
-        if not is_string and not _is_json(value):
-            warn(f"parameter {key!r} is marked string=\"false\" but is not JSON; passed as a string")
-            is_string = True
-        params.append((key, is_string, value))
-    return m.group(1), arguments_json(params)
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True

@@ -8,7 +8,10 @@ token – `<think>` typed by a user stays the characters `<`, `think`, `>` (spec
 
 `model_tokenizer(dir, vocab_size)` is the tokenizer a model runs with, checked against it: a tokenizer
 without V4's control tokens, or with ids the model's embedding does not have (the official 129,280-token
-file next to a 2,048-token test model), is refused in one `TokenizerError` line naming what is wrong.
+file next to a 2,048-token test model), is refused in one `TokenizerError` line naming what is wrong.  The
+other direction is legal: an embedding padded past the tokenizer (common, and true of the tiny test
+models) can make the model sample an id the tokenizer does not have.  Such an id decodes to U+FFFD, in
+`decode` and `token_bytes` alike, so generation never fails on it; loading such a model logs one warning.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.resources
+import itertools
 import json
+import logging
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -27,6 +32,10 @@ from .tokens import (ASSISTANT, BOS, DSML, EOS, LATEST_REMINDER, TASK_TOKENS, TH
                      USER)
 
 OFFICIAL_TOKENIZER_SHA256 = "8f9f37ca37fdc4f5fd36d5cf4d3b0e8392edb4e894fd10cc0d70b4957c8633cf"
+REPLACEMENT = "\ufffd"            # the text of an id the tokenizer does not have
+_REPLACEMENT_BYTES = REPLACEMENT.encode("utf-8")
+
+log = logging.getLogger(__name__)
 
 # Attribute-friendly names of the control tokens whose ids callers need.
 SPECIAL_NAMES = {"bos": BOS, "eos": EOS, "user": USER, "assistant": ASSISTANT,
@@ -60,7 +69,7 @@ class TokenizerError(ValueError):
 def model_tokenizer(model_dir, vocab_size: int) -> "Tokenizer":
     """The tokenizer of the model in `model_dir` (`Tokenizer.from_dir`), refused with a TokenizerError
     when it has ids the model's vocabulary of `vocab_size` does not (control tokens are checked as any
-    tokenizer is built)."""
+    tokenizer is built); a warning is logged when the model has ids the tokenizer does not."""
     own = Path(model_dir) / "tokenizer.json"
     tok = Tokenizer.from_dir(model_dir)
     if tok.vocab_size > vocab_size:
@@ -69,6 +78,10 @@ def model_tokenizer(model_dir, vocab_size: int) -> "Tokenizer":
         raise TokenizerError(f"{own} {sizes}: it belongs to another model" if own.is_file() else
                              f"{model_dir} has no tokenizer.json, and the official V4 tokenizer {sizes}; put "
                              f"the model's own tokenizer.json there")
+    if tok.vocab_size < vocab_size:
+        log.warning(f"{model_dir}: the model's vocabulary ({vocab_size:,} ids) is larger than its tokenizer's "
+                    f"({tok.vocab_size:,}); ids from {tok.vocab_size:,} on are embedding padding and decode to "
+                    f"U+FFFD if the model samples one")
     return tok
 
 
@@ -102,6 +115,10 @@ class Tokenizer:
     def from_file(cls, path) -> "Tokenizer":
         try:
             return cls(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise TokenizerError(f"{path}: not a tokenizer.json file (not UTF-8 text)") from None
+        except OSError as e:
+            raise TokenizerError(f"{path}: cannot be read ({e.strerror or e})") from None
         except TokenizerError as e:
             raise TokenizerError(f"{path}: {e}") from None
 
@@ -150,15 +167,22 @@ class Tokenizer:
 
     # ------------------------------------------------------------ decoding
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; control tokens are kept by default because the output parser needs them."""
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`; control tokens are kept by default because the output parser needs them.  An id
+        the tokenizer does not have is U+FFFD (`hf.decode` would drop it without a trace)."""
+        n, parts = self.vocab_size, []
+        for known, run in itertools.groupby(ids, key=lambda t: 0 <= t < n):
+            run = list(run)
+            parts.append(self.hf.decode(run, skip_special_tokens=skip_special_tokens) if known
+                         else REPLACEMENT * len(run))
+        return "".join(parts)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The exact bytes a token stands for (a byte-level BPE token may be part of a character)."""
+        """The exact bytes a token stands for (a byte-level BPE token may be part of a character); those of
+        U+FFFD for an id the tokenizer does not have."""
         if self._byte_table is None:
             self._byte_table = self._build_byte_table()
         if not 0 <= token_id < len(self._byte_table):
-            raise ValueError(f"token id {token_id} is outside the vocabulary")
+            return _REPLACEMENT_BYTES
         return self._byte_table[token_id]
 
     def _build_byte_table(self) -> list[bytes]:
