@@ -16,6 +16,13 @@ def test_version(dsv4_cli):
     assert r.exit_code == 0 and r.stdout == f"dsv4 {dsv4.__version__}\n"
 
 
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "dsv4", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == f"dsv4 {dsv4.__version__}\n"
+
+
 @pytest.mark.parametrize("command", [(), *((c,) for c in COMMANDS)])
 def test_dash_h_is_help_and_flags_take_no_value(dsv4_cli, command):
     long, short = dsv4_cli(*command, "--help"), dsv4_cli(*command, "-h")
