@@ -6,7 +6,7 @@ Public API (stable; see README):
     model.forward(ids)          -> float32 logits for every position, from a fresh state
     model.step(state, ids)      -> (logits, state): updates `state` in place; model.new_state(batch)
     model.fork_state(state), model.state_info(state) -> {"tokens", "capacity", "bytes"}
-    model.generate(ids, ...) / model.stream(ids, ...)
+    model.generate(ids, ...) / model.stream(ids, ...) / model.generate_batch([ids, ...], ...)
     model.config, model.tokenizer
 """
 

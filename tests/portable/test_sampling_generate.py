@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import dsv4
-from dsv4.portable.generate import PrefixCache, generate, stream
+from dsv4.portable.engine import PrefixCache
+from dsv4.portable.generate import generate, stream
 from dsv4.portable.sampling import Sampler, SamplingParams, apply_repetition_penalty, filtered_probs
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
+from ..portable.engine import prefill
 from . import options as opt
 from .console import console
 from .errors import EXIT_USAGE, CliError
@@ -31,14 +32,11 @@ def measure(model, prompt_tokens: int, gen_tokens: int, chunk: int, seed: int) -
     _, warm = model.step(warm, ids[None, :min(chunk, prompt_tokens)])
     model.step(warm, ids[None, :1])
 
-    state = model.new_state(1)
     t0 = time.perf_counter()
-    logits = None
-    for a in range(0, prompt_tokens, chunk):
-        logits, state = model.step(state, ids[None, a:a + chunk])
+    logits, state = prefill(model, model.new_state(1), ids[:prompt_tokens], chunk)
     prefill_s = time.perf_counter() - t0
 
-    tok = int(np.argmax(logits[0, -1]))
+    tok = int(np.argmax(logits))
     t1 = time.perf_counter()
     for _ in range(gen_tokens):
         logits, state = model.step(state, np.asarray([[tok]], dtype=np.int64))

@@ -5,7 +5,7 @@ collapsed into one "thought for …" line that `/think` expands.  Ctrl-C stops t
 the prompt (a second Ctrl-C aborts the step at once); at the prompt, Ctrl-D or /exit quits.  Every turn
 ends with the stats line of `session.stats_line`: tokens and tok/s of the answer and of the prompt (and
 how many prompt tokens came from the cached prefix), peak memory, context used.  The conversation
-prefix is reused between turns (see `session`).
+prefix is reused between turns (see `session`), and with `--prompt-cache DIR` between runs too.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Annotated, Optional
 
+import typer
 from rich.console import Console
 
 from ..portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent
@@ -237,11 +239,17 @@ def chat(model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtyp
          mode: opt.Mode = "chat", max_tokens: opt.MaxTokens = 512, temperature: opt.Temperature = 0.6,
          top_p: opt.TopP = 0.95, top_k: opt.TopK = 0, min_p: opt.MinP = 0.0,
          repetition_penalty: opt.RepetitionPenalty = 1.0, seed: opt.Seed = None,
-         hide_thinking: opt.HideThinking = False):
+         hide_thinking: opt.HideThinking = False,
+         prompt_cache: Annotated[Optional[str], typer.Option(
+             "--prompt-cache", help="Also keep prompt states in this directory, so a later chat resumes "
+                                    "them (default: in memory only).")] = None,
+         prompt_cache_gb: opt.PromptCacheGB = 8.0):
     """Chat with the model in the terminal (multi-turn, streaming, slash commands)."""
     sampling = opt.sampling_params(temperature, top_p, top_k, min_p, repetition_penalty, seed)
     opt.check_positive("--max-tokens", max_tokens)
     opt.check_mode(mode)
+    opt.check_above_zero("--prompt-cache-gb", prompt_cache_gb)
     m = load_model(model, backend, dtype, context, force)
-    session = ChatSession(m, mode=mode, system=system, sampling=sampling, max_tokens=max_tokens)
+    session = ChatSession(m, mode=mode, system=system, sampling=sampling, max_tokens=max_tokens,
+                          prompt_store=opt.prompt_store(m, prompt_cache, prompt_cache_gb))
     Repl(session, console(), show_thinking=not hide_thinking).run()

@@ -51,11 +51,13 @@ def _known_errors() -> list[tuple[type, int]]:
     from ..portable.config import ConfigError
     from ..portable.encoding import EncodingError
     from ..portable.encoding.tokenizer import TokenizerError
+    from ..portable.prompt_store import PromptCacheError
     from ..portable.runtime import BackendError, ContextError, NonFiniteError
     from ..portable.tiny import CacheError
     return [(ContextError, EXIT_CONTEXT), (BackendError, EXIT_BACKEND), (ConfigError, EXIT_MODEL),
             (CheckpointError, EXIT_MODEL), (TokenizerError, EXIT_MODEL), (NonFiniteError, EXIT_MODEL),
-            (CacheError, EXIT_MODEL), (FileNotFoundError, EXIT_MODEL), (EncodingError, EXIT_USAGE)]
+            (CacheError, EXIT_MODEL), (FileNotFoundError, EXIT_MODEL), (EncodingError, EXIT_USAGE),
+            (PromptCacheError, EXIT_USAGE)]
 
 
 SHOWN_PROBLEMS = 3      # problems of a multi-line error (a checkpoint's) kept on its one line

@@ -35,6 +35,9 @@ RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", help="
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text is generated (repeatable).")]
 HideThinking = Annotated[bool, typer.Option("--hide-thinking", help="Do not print the reasoning.")]
+PromptCacheGB = Annotated[float, typer.Option(
+    "--prompt-cache-gb", help="Size bound of the prompt cache directory in GB (least recently used states "
+                              "are deleted).")]
 
 
 
@@ -75,8 +78,23 @@ def check_positive(flag: str, value: int) -> int:
     return value
 
 
-def check_mode(mode: str) -> str:
+def prompt_store(model, directory: str | None, gb: float):
+    """The prompt cache on disk (`portable.prompt_store`) of a loaded model in `directory`, or None."""
+    if directory is None:
+        return None
+    from ..portable.prompt_store import StateStore
+    return StateStore(model, directory, round(gb * 1e9))
+
+
+def check_above_zero(flag: str, value: float) -> float:
+    """A finite number > 0 (sizes, timeouts), else `--flag must be > 0` (exit 2)."""
+    if not 0 < value < float("inf"):
+        raise CliError(f"{flag} must be > 0, got {value:g}", EXIT_USAGE)
+    return value
+
+
+def check_mode(mode: str, flag: str = "--mode") -> str:
     from .session import MODES
     if mode not in MODES:
-        raise CliError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}", EXIT_USAGE)
+        raise CliError(f"{flag} must be one of {', '.join(MODES)}, got {mode!r}", EXIT_USAGE)
     return mode

@@ -17,6 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from .errors import EXIT_USAGE, CliError
+from .options import prompt_store
 from .resolve import DEFAULT_MODEL, load_model
 from .server import build_app
 from .server.connection import uvicorn_config
@@ -46,24 +47,31 @@ def serve(model: str | None = None, backend: str = "auto", host: str = "127.0.0.
           api_key: str | None = None, max_queue: int = 64, context: int | None = None, max_batch: int = 8,
           served_model_name: str | None = None, dtype: str = "auto", prefill_chunk: int = 256,
           cache_size: int = 8, force: bool = False, log_level: str = "info", max_body_mb: float | None = None,
-          read_timeout: float = 20.0, allowed_hosts: tuple | None = None) -> None:
+          read_timeout: float = 20.0, allowed_hosts: tuple | None = None, default_mode: str = "chat",
+          allowed_origins: tuple = (), prompt_cache_dir: str | None = None, prompt_cache_gb: float = 8.0) -> None:
     """Blocking: serve `model` (a checkpoint directory or a preset name; default demo) until interrupted.
 
     Clients address the model as `served_model_name` (default: the directory or preset name).  Request
     bodies above `max_body_mb` (default: scaled to the context) are refused; `allowed_hosts` (default:
-    the names `host` is reached by, see `server.intake`) are the `Host` names answered."""
+    the names `host` is reached by, see `server.intake`) are the `Host` names answered.  OpenAI requests
+    that say nothing about thinking get `default_mode`; `allowed_origins` are granted CORS.  The access
+    log is the server's own (`server.metrics`: one line with tokens and rates), so uvicorn's is off.
+    With `prompt_cache_dir`, prompt states are also saved there (at most `prompt_cache_gb` GB) and
+    restored after a restart (`portable.prompt_store`)."""
     sock = listen_socket(host, port)
     try:
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         loaded = load_model(model, backend=backend, dtype=dtype, context=context, force=force)
+        store = prompt_store(loaded, prompt_cache_dir, prompt_cache_gb)
         name = served_model_name or Path(str(model or DEFAULT_MODEL)).expanduser().name
         app = build_app(loaded, model_name=name, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
                         prefill_chunk=prefill_chunk, cache_size=cache_size,
                         max_body=None if max_body_mb is None else round(max_body_mb * 1_000_000),
                         read_timeout=read_timeout,
-                        allowed_hosts=allowed_hosts or hosts_for_bind(host))
+                        allowed_hosts=allowed_hosts or hosts_for_bind(host), default_mode=default_mode,
+                        allowed_origins=allowed_origins, prompt_store=store)
         shown = f"[{host}]" if ":" in host else host
         log.info("listening on http://%s:%d (Ctrl-C stops)", shown, port)   # uvicorn logs it only for its own socket
-        uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level)).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, access_log=False)).run(sockets=[sock])
     finally:
         sock.close()

@@ -19,6 +19,16 @@ from .errors import EXIT_BACKEND, EXIT_USAGE, CliError
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _comma_list(value: str | None, flag: str, what: str) -> tuple | None:
+    """The entries of a comma-separated option (None when it is not given); one with none is refused."""
+    if value is None:
+        return None
+    entries = tuple(e.strip() for e in value.split(",") if e.strip())
+    if not entries:
+        raise CliError(f"{flag} needs at least one {what} (or * for any)", EXIT_USAGE)
+    return entries
+
+
 def serve(
     model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtype = "auto",
     context: opt.Context = None, force: opt.Force = False,
@@ -38,18 +48,29 @@ def serve(
     allowed_hosts: Annotated[Optional[str], typer.Option(
         "--allowed-hosts", help="Comma-separated Host names to answer, * for any (default: the names "
                                 "--host is reached by; any for 0.0.0.0).")] = None,
+    default_mode: Annotated[str, typer.Option(
+        "--default-mode", help="Answer OpenAI requests that do not say: chat (no reasoning), thinking or max. "
+                               "Anthropic requests think only when they ask.")] = "chat",
+    allowed_origins: Annotated[Optional[str], typer.Option(
+        "--allowed-origins", help="Comma-separated web origins granted CORS (https://app.example), * for "
+                                  "any (default: none).")] = None,
+    prompt_cache_dir: Annotated[Optional[str], typer.Option(
+        "--prompt-cache-dir", help="Also keep prompt states in this directory, so they survive a restart "
+                                   "(default: in memory only).")] = None,
+    prompt_cache_gb: opt.PromptCacheGB = 8.0,
 ):
     """Serve the model over HTTP (OpenAI- and Anthropic-compatible APIs)."""
     if not 0 < port < 65536:
         raise CliError(f"--port must be in 1..65535, got {port}", EXIT_USAGE)
     opt.check_positive("--max-queue", max_queue)
     opt.check_positive("--max-batch", max_batch)
-    for flag, value in (("--max-body-mb", max_body_mb), ("--read-timeout", read_timeout)):
-        if value is not None and not 0 < value < float("inf"):
-            raise CliError(f"{flag} must be > 0, got {value:g}", EXIT_USAGE)
-    hosts = tuple(h.strip() for h in allowed_hosts.split(",") if h.strip()) if allowed_hosts is not None else None
-    if hosts == ():
-        raise CliError("--allowed-hosts needs at least one name (or * for any)", EXIT_USAGE)
+    for flag, value in (("--max-body-mb", max_body_mb), ("--read-timeout", read_timeout),
+                        ("--prompt-cache-gb", prompt_cache_gb)):
+        if value is not None:
+            opt.check_above_zero(flag, value)
+    hosts = _comma_list(allowed_hosts, "--allowed-hosts", "name")
+    origins = _comma_list(allowed_origins, "--allowed-origins", "origin") or ()
+    opt.check_mode(default_mode, "--default-mode")
     if log_level not in LOG_LEVELS:
         raise CliError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}", EXIT_USAGE)
     try:
@@ -60,4 +81,5 @@ def serve(
     server.serve(model=model, backend=backend, host=host, port=port, api_key=api_key, max_queue=max_queue,
                  context=context, dtype=dtype, force=force, max_batch=max_batch,
                  served_model_name=served_model_name, log_level=log_level, max_body_mb=max_body_mb,
-                 read_timeout=read_timeout, allowed_hosts=hosts)
+                 read_timeout=read_timeout, allowed_hosts=hosts, default_mode=default_mode,
+                 allowed_origins=origins, prompt_cache_dir=prompt_cache_dir, prompt_cache_gb=prompt_cache_gb)

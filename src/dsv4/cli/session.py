@@ -3,16 +3,21 @@
 Shared by `dsv4 chat` (many turns) and `dsv4 generate` (one turn).  A turn streams parsed events
 (`ReasoningDelta`, `ContentDelta`, `ToolCallEvent`) to a callback and returns a `TurnResult`.
 
+A turn is one job on the generation engine (`portable.engine`, driven through `portable.generate.stream`
+on this thread); the engine's `TextStream` cuts the raw output at stop strings and parses it, as the
+server does.
+
 Prefix reuse (encoding spec §3.3, §3.10): every turn re-encodes the whole conversation, the canonical
-prompt, and the `PrefixCache` resumes from the longest snapshot that prefixes it.  Two snapshots are
-kept per turn: the state after the prompt minus its last token, and the state after everything fed
-(prompt + generated tokens).  The second one serves the next turn in chat mode when the model's
+prompt, and the `PrefixCache` resumes from the longest snapshot that prefixes it.  The engine keeps,
+per turn, the state after the prompt, after everything fed (prompt + generated tokens) and, asked by
+`snapshot_at`, after the prompt minus its last token.  The second one serves the next turn in chat mode when the model's
 completion re-tokenizes as generated; the first one always serves it, also in thinking mode where the
 previous answer is re-rendered without its reasoning (`<think>` becomes `</think>` right after
 `<｜Assistant｜>`, the last token of the previous prompt).
 
-Ctrl-C (`Interrupt`): the first press asks the decode loop to stop after the current token (the state
-stays consistent and cached); a second press raises KeyboardInterrupt at once and the cache is dropped.
+Ctrl-C (`Interrupt`): the first press asks the engine to stop after the current prefill chunk or token
+(the state stays consistent and cached); a second press raises KeyboardInterrupt at once and the cache
+is dropped.
 
 `stats_line` is the one-line summary both commands print after a turn (the numbers mlx_lm.generate
 prints: tokens and rate of the answer and of the prompt, peak memory).  A session's first prefill is
@@ -25,13 +30,10 @@ from __future__ import annotations
 import resource
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from ..portable.encoding import ContentDelta, IncrementalDetokenizer, ReasoningDelta, StreamParser
-from ..portable.generate import PrefixCache, Result, stream
+from ..portable.engine import PrefixCache, TextStream, Usage
+from ..portable.generate import Result, stream
 from ..portable.runtime import ContextError
 from ..portable.sampling import SamplingParams
 from .resolve import human_bytes
@@ -62,55 +64,14 @@ class Interrupt:
         return False
 
 
-class StopStrings:
-    """Cuts a text stream at the first of some stop strings, holding back text that may still become one."""
-
-    def __init__(self, stops):
-        self.stops = [s for s in stops if s]
-        self.hit = False
-        self._held = ""
-
-    def feed(self, text: str) -> str:
-        if not self.stops or self.hit:
-            return "" if self.hit else text
-        buf = self._held + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i != -1), default=-1)
-        if cut != -1:
-            self.hit, self._held = True, ""
-            return buf[:cut]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
-        self._held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
-
-    def flush(self) -> str:
-        out, self._held = ("" if self.hit else self._held), ""
-        return out
-
-
 @dataclass
-class TurnResult:
+class TurnResult(Usage):
     reasoning: str = ""
     content: str = ""
     tool_calls: list = field(default_factory=list)
     finish_reason: str = "length"          # stop | length | interrupted
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
     first_prefill: bool = False            # the session's first: includes one-time costs
     warnings: list = field(default_factory=list)
-
-    @property
-    def decode_tok_s(self) -> float | None:
-        """Tokens per second after the first (which came with the prefill); None below two tokens."""
-        n = self.completion_tokens - 1
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else None
-
-    @property
-    def prefill_tok_s(self) -> float:
-        n = self.prompt_tokens - self.cached_tokens
-        return n / self.prefill_s if self.prefill_s > 0 else 0.0
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -167,7 +128,9 @@ class ChatSession:
     """Conversation state (system prompt, messages, mode) plus the model's cached prefix states."""
 
     def __init__(self, model, mode: str = "chat", system: str | None = None, sampling: SamplingParams | None = None,
-                 max_tokens: int = 512, stop=(), prefill_chunk: int = 256):
+                 max_tokens: int = 512, stop=(), prefill_chunk: int = 256, prompt_store=None):
+        """`prompt_store`: a `portable.prompt_store.StateStore`, the prompt cache's tier on disk, which
+        keeps snapshots across sessions (`dsv4 chat --prompt-cache`)."""
         self.model = model
         self.tokenizer = model.tokenizer
         self.set_mode(mode)
@@ -177,7 +140,8 @@ class ChatSession:
         self.stop = list(stop)
         self.prefill_chunk = prefill_chunk
         self.messages: list[dict] = []
-        self.cache = PrefixCache(capacity=4)
+        self.prompt_store = prompt_store
+        self.cache = PrefixCache(capacity=4, disk=prompt_store)
         self.stats = SessionStats()
         self.last = TurnResult()
         self.context_used = 0
@@ -214,7 +178,8 @@ class ChatSession:
         try:
             res = self._generate(ids, on_event, interrupt)
         except KeyboardInterrupt:
-            self.cache = PrefixCache(capacity=4)         # a state may have been cut mid-step
+            # a state in memory may have been cut mid-step; the disk holds copies of finished snapshots
+            self.cache = PrefixCache(capacity=4, disk=self.prompt_store)
             raise
         if res.finish_reason == "interrupted" and not res.completion_tokens:
             return res                                   # stopped before answering: nothing to record
@@ -226,77 +191,32 @@ class ChatSession:
         self.context_used = res.prompt_tokens + res.completion_tokens
         return res
 
-    def _warm(self, ids: list[int], interrupt: Interrupt) -> int:
-        """Snapshot the state after ids[:-1] (see module docstring); returns how many were cached before."""
-        head = ids[:-1]
-        hit = self.cache.lookup(head)
-        state, done = (self.model.fork_state(hit[1]), len(hit[0])) if hit else (self.model.new_state(1), 0)
-        cached = done
-        while done < len(head) and not interrupt.requested:
-            chunk = head[done:done + self.prefill_chunk]
-            _, state = self.model.step(state, np.asarray(chunk, dtype=np.int64)[None])
-            done += len(chunk)
-        if done > cached:
-            self.cache.store(head[:done], state)
-        return cached
-
     def _generate(self, ids: list[int], on_event, interrupt: Interrupt) -> TurnResult:
         thinking_mode, _ = MODES[self.mode]
         out = TurnResult(prompt_tokens=len(ids), first_prefill=not self.prefilled)
         self.prefilled = True
-        t0 = time.perf_counter()
-        out.cached_tokens = self._warm(ids, interrupt)
-        if interrupt.requested:                          # Ctrl-C during a long prefill: no answer
-            out.finish_reason, out.prefill_s = "interrupted", time.perf_counter() - t0
-            return out
-        parser = StreamParser(thinking_mode)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = {ReasoningDelta: StopStrings(self.stop), ContentDelta: StopStrings(self.stop)}
-        res = Result([], "length", len(ids), 0, 0.0, 0.0)
-        first = None
+        text = TextStream(self.tokenizer, self.stop, thinking_mode)
+        res = Result()
 
         def emit(events):
-            for ev in events:
-                if isinstance(ev, (ReasoningDelta, ContentDelta)):
-                    text = stops[type(ev)].feed(ev.text)
-                    if not text:
-                        continue
-                    ev = type(ev)(text)
-                on_event(ev)
-
-        def should_stop():
-            return interrupt.requested or any(s.hit for s in stops.values())
+            for event in events:
+                on_event(event)
 
         for tok in stream(self.model, ids, max_tokens=self.max_tokens, sampling=self.sampling,
                           stop_ids=[self.tokenizer.eos_id], prefill_chunk=self.prefill_chunk, cache=self.cache,
-                          should_stop=should_stop, result=res):
-            first = first or time.perf_counter()
-            emit(parser.feed(detok.push(tok.id)))       # embedding padding past the tokenizer: U+FFFD
-        emit(parser.feed(detok.flush()) + parser.finish())
-        for kind, s in stops.items():
-            tail = s.flush()
-            if tail:
-                on_event(kind(tail))
-        msg = parser.message()
-        out.reasoning = _cut(msg["reasoning_content"], self.stop)
-        out.content = _cut(msg["content"], self.stop)
-        out.tool_calls = msg["tool_calls"]
-        out.warnings = list(parser.warnings)
-        out.completion_tokens = len(res.tokens)
-        first = first or time.perf_counter()
-        out.prefill_s = first - t0
-        out.decode_s = time.perf_counter() - first
+                          should_stop=lambda: interrupt.requested or text.stop is not None, result=res,
+                          snapshot_at=len(ids) - 1):
+            emit(text.push(tok.id))                     # embedding padding past the tokenizer: U+FFFD
+        emit(text.finish())
+        msg = text.parser.message()
+        out.reasoning, out.content, out.tool_calls = msg["reasoning_content"], msg["content"], msg["tool_calls"]
+        out.warnings = list(text.parser.warnings)
+        out.cached_tokens, out.completion_tokens = res.cached_tokens, len(res.tokens)
+        out.prefill_s, out.decode_s = res.prefill_s, res.decode_s
         if interrupt.requested:
             out.finish_reason = "interrupted"
-        elif any(s.hit for s in stops.values()):
+        elif text.stop is not None:
             out.finish_reason = "stop"
         else:
             out.finish_reason = res.finish_reason
         return out
-
-
-def _cut(text: str, stops) -> str:
-    """`text` up to the first stop string (the parser keeps the whole text; the stream was cut there)."""
-    cuts = [i for i in (text.find(s) for s in stops if s) if i != -1]
-    return text[:min(cuts)] if cuts else text
-

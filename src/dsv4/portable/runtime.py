@@ -68,6 +68,8 @@ def get_backend(name: str):
 class StateRunner:
     """What every runner does with its states through the `Ops` that stores them (`self.ops`)."""
 
+    state_format = "bf16"           # how compressed entries are stored (`portable.cache`)
+
     def position(self, state) -> int:
         """Tokens already in `state` (the longest sequence of the batch)."""
         return int(np.max(self.ops.to_numpy(state["start"])))
@@ -84,6 +86,27 @@ class StateRunner:
     def state_to_numpy(self, state) -> dict:
         """Host copies of every buffer (copies: the state changes in place), bf16 words as float32."""
         return {k: np.array(self.ops.to_numpy(self.ops.read(v)), copy=True) for k, v in state.items()}
+
+    def state_from_numpy(self, arrays: dict, capacity: int) -> cache.State:
+        """The inverse of `state_to_numpy`: a state of `capacity` tokens in this runner's format from host
+        copies of its buffers.  Each buffer is written through `Ops.write_rows`, which stores values as a
+        step does (bf16 words, FP8/FP4 code bytes), so the round trip is exact; a missing buffer or one
+        of the wrong shape is a ValueError."""
+        o, bufs = self.ops, {}
+        start = arrays.get("start")
+        if start is None or np.ndim(start) != 1:
+            raise ValueError("state buffer start: expected shape (batch,), missing")
+        for b in cache.state_spec(self.cfg, len(start), capacity, self.state_format):
+            a = arrays.get(b.name)
+            if a is None or tuple(a.shape) != tuple(b.shape):
+                got = "missing" if a is None else f"shape {tuple(a.shape)}"
+                raise ValueError(f"state buffer {b.name}: expected shape {tuple(b.shape)}, {got}")
+            if b.kind == "int":
+                bufs[b.name] = o.asarray(a, "int")
+                continue
+            rows = np.repeat(np.arange(b.shape[1])[None], b.shape[0], 0)
+            bufs[b.name] = o.write_rows(o.state_buffer(b.shape, b.kind), o.asarray(rows, "int"), o.asarray(a))
+        return cache.State(self.cfg, bufs, capacity, self.state_format)
 
 
 class GraphRunner(StateRunner):
@@ -134,7 +157,7 @@ def quiet_numerics():
 
 class Model:
     """A loaded V4 model on one backend.  Stateless calls (`forward`) and stateful ones (`step`) share one
-    runner; generation lives in `portable.generate` and is reached through `generate`/`stream`."""
+    runner; generation runs on `portable.engine` and is reached through `generate`/`stream`/`generate_batch`."""
 
     def __init__(self, cfg: ModelConfig, runner, path: Path | None, backend: str, dtype: str, context: int):
         self.config, self.runner, self.path = cfg, runner, path
@@ -233,6 +256,11 @@ class Model:
     def stream(self, prompt_ids, **kw):
         from .generate import stream
         return stream(self, prompt_ids, **kw)
+
+    def generate_batch(self, prompts, **kw):
+        """One `Result` per prompt, their decode steps batched (`portable.generate.generate_batch`)."""
+        from .generate import generate_batch
+        return generate_batch(self, prompts, **kw)
 
 
 def resolve_path(path_or_preset) -> Path:

@@ -73,7 +73,8 @@ class ScriptedModel:
 
     def __init__(self, tokenizer, context: int = 2048, delay: float = 0.0):
         self.tokenizer, self.context, self.delay = tokenizer, context, delay
-        self.config = SimpleNamespace(encoding="dsv4-2604", eos_token_id=tokenizer.eos_id)
+        self.config = SimpleNamespace(encoding="dsv4-2604", eos_token_id=tokenizer.eos_id,
+                                      vocab_size=tokenizer.vocab_size)
         self.runner = PositionRunner()
         self.vocab = tokenizer.vocab_size
         self.script: dict = {}

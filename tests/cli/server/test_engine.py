@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dsv4
-from dsv4.cli.server.engine import Engine, Finished, Job, QueueFull
+from dsv4.portable.engine import Engine, Finished, Job, PrefixCache, QueueFull
 from dsv4.portable.generate import generate
 
 
@@ -62,7 +62,7 @@ def test_batched_decode_matches_single_sequence_generation(tiny_model):
 def test_sequential_engine_and_prefix_cache(tiny_model):
     rng = np.random.default_rng()
     prompt = [0] + rng.integers(10, 1000, size=12).tolist()
-    engine = Engine(tiny_model, max_batch=1).start()
+    engine = Engine(tiny_model, max_batch=1, cache=PrefixCache()).start()
     try:
         (first,), (s1,) = _run(engine, [prompt], 4)
         (again,), (s2,) = _run(engine, [prompt], 4)

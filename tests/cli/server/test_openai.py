@@ -32,7 +32,7 @@ def test_chat_non_streaming(demo_server, demo_model, openai_client):
 
 
 def test_chat_streaming_matches_non_streaming(demo_server, openai_client):
-    req = _chat_request(random_text(), max_tokens=6, temperature=0)       # thinking on by default
+    req = _chat_request(random_text(), max_tokens=6, temperature=0, reasoning_effort="high")   # thinking
     client = openai_client(demo_server)
     full = client.chat.completions.create(**req)
     chunks = list(client.chat.completions.create(**req, stream=True, stream_options={"include_usage": True}))
@@ -75,7 +75,7 @@ def test_eight_concurrent_streams(demo_server, demo_model, openai_client):
 def test_disconnect_mid_stream_does_not_disturb_the_next_request(demo_server, openai_client):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     before = httpx.get(demo_server + "/health").json()
-    body = _chat_request(random_text(), max_tokens=300, temperature=0, stream=True)
+    body = _chat_request(random_text(), max_tokens=300, temperature=0, stream=True, reasoning_effort="high")
     with httpx.stream("POST", demo_server + "/v1/chat/completions", json=body, headers=headers,
                       timeout=60) as r:
         assert r.status_code == 200

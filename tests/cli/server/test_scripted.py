@@ -29,7 +29,7 @@ def test_openai_tool_call_round_trip(scripted, openai_client):
     city, days = random.choice(["Paris", "Lagos", "Lima", "Oslo"]), random.randint(1, 9)
     thought, preface = f"The user wants weather, {random_text(2)}.", f"Checking {city}."
     req = {"model": "scripted", "messages": [{"role": "user", "content": f"Weather in {city}? {random_text()}"}],
-           "tools": [{"type": "function", "function": WEATHER}]}
+           "tools": [{"type": "function", "function": WEATHER}], "reasoning_effort": "high"}
     model.script.clear()
     model.plan(openai_prompt(tok, req), thought + "</think>" + preface + dsml_call("get_weather", city, days))
 
@@ -67,6 +67,7 @@ def test_anthropic_tool_use_round_trip(scripted, anthropic_client):
     city, days = random.choice(["Quito", "Perth", "Riga"]), random.randint(1, 9)
     tool = {"name": "get_weather", "description": WEATHER["description"], "input_schema": WEATHER["parameters"]}
     req = {"model": "scripted", "max_tokens": 200, "tools": [tool], "system": "Be brief.",
+           "thinking": {"type": "enabled", "budget_tokens": 1024},
            "messages": [{"role": "user", "content": f"Forecast for {city}? {random_text()}"}]}
     model.script.clear()
     thought = f"Need the tool {random_text(2)}."

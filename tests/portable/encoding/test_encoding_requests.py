@@ -61,8 +61,10 @@ def test_openai_tool_choice():
     base = {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER]}
     assert from_openai({**base, "tool_choice": "none"}).tools is None
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        with pytest.raises(RequestError):
-            from_openai({**base, "tool_choice": choice})
+        inp = from_openai({**base, "tool_choice": choice})       # forced by a constraint, not the prompt
+        assert inp.tools == [WEATHER] and inp.output.forced and "output" not in inp.as_kwargs()
+    with pytest.raises(RequestError):
+        from_openai({**base, "tool_choice": {"type": "function", "function": {"name": "nope"}}})
 
 
 def test_openai_prefix_and_response_format():

@@ -6,7 +6,8 @@ sequence: message_start, per block content_block_start / *_delta / content_block
 (stop_reason, output usage), message_stop.  Thinking blocks carry an empty signature: the server has
 no signing key, and the encoder ignores signatures when the block comes back.  Usage follows the
 Anthropic convention: `input_tokens` excludes the prompt tokens read from the prefix cache, which are
-reported as `cache_read_input_tokens`.
+reported as `cache_read_input_tokens`.  A request without a `thinking` field gets no thinking, as
+Anthropic's own API answers it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dsv4.portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent, 
 
 from .errors import APIError, anthropic_error_body, bad_request
 from .fields import Body, sampling_params
-from .generation import Done, GenParams, Generation
+from .generation import Done, GenParams, Generation, output_constraint
+from .metrics import observe
 from .sse import EventStream, sse
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "stop_sequence": "stop_sequence"}
@@ -44,7 +46,7 @@ def _check_request(body: Body, state) -> None:
 
 
 async def _encode(body: Body, state) -> tuple:
-    enc = from_anthropic(body.data, effort_table=state.effort_table)
+    enc = from_anthropic(body.data, effort_table=state.effort_table, default_thinking=False)
     return enc, await state.encode(enc)
 
 
@@ -63,14 +65,15 @@ async def messages(state, request):
     sampling = sampling_params(body, max_temperature=1.0)
     stop = body.strings("stop_sequences", max_items=16)
     enc, prompt = await _encode(body, state)
-    params = GenParams(state.budget(len(prompt), max_tokens, "max_tokens"), sampling, stop)
+    params = GenParams(state.budget(len(prompt), max_tokens, "max_tokens"), sampling, stop,
+                       constraint=await output_constraint(state.engine, state.tokenizer, enc))
     gen = Generation(state.engine, state.tokenizer, prompt, params, enc.thinking_mode)
     head = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
             "model": state.model_name}
     if stream:
         return EventStream(_stream(gen, head), gen.cancel)
     blocks, done = [], None
-    async for ev in gen.events(request.is_disconnected):
+    async for ev in observe(gen.events(request.is_disconnected)):
         if isinstance(ev, ReasoningDelta):
             if not blocks or blocks[-1]["type"] != "thinking":
                 blocks.append({"type": "thinking", "thinking": "", "signature": ""})
@@ -90,11 +93,16 @@ async def messages(state, request):
                          "stop_sequence": done.stop_sequence, "usage": usage})
 
 
-async def _stream(gen, head):
-    prompt_tokens = len(gen.job.prompt)
+def _message_start(head: dict, job) -> str:
     start = {**head, "content": [], "stop_reason": None, "stop_sequence": None,
-             "usage": {**_input_usage(prompt_tokens, 0), "output_tokens": 0}}
-    yield sse({"type": "message_start", "message": start}, "message_start")
+             "usage": {**_input_usage(len(job.prompt), job.cached_tokens), "output_tokens": 0}}
+    return sse({"type": "message_start", "message": start}, "message_start")
+
+
+async def _stream(gen, head):
+    """The event stream of one message.  `message_start` goes out with the engine's first event: only
+    then has the job looked the prefix cache up, and its usage must say what `message_delta` says."""
+    started = False
     index, open_kind = -1, None
 
     def open_block(block):
@@ -114,8 +122,9 @@ async def _stream(gen, head):
     def delta(payload):
         return sse({"type": "content_block_delta", "index": index, "delta": payload}, "content_block_delta")
 
-    async for ev in gen.events():
-        frames = []
+    async for ev in observe(gen.events()):
+        frames = [] if started else [_message_start(head, gen.job)]
+        started = True
         if isinstance(ev, ReasoningDelta):
             if open_kind != "thinking":
                 frames += open_block({"type": "thinking", "thinking": "", "signature": ""})

@@ -1,17 +1,24 @@
 """The HTTP application: routing, API keys, error formatting, health.  No model code lives here.
 
 `build_app(model, ...)` wraps a loaded model in an `Engine` (started and stopped with the app) and
-mounts the OpenAI adapter (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) and the Anthropic
-adapter (`/v1/messages`, `/v1/messages/count_tokens`) behind `intake.Intake` (Host, content type, body
-size and read deadline).  Every route runs inside `_guard`, which turns any failure into the error
-format of that route's API family, logs it and keeps serving; an unexpected exception is logged with
-its traceback and answered "internal error" only, never with its text.
+mounts the OpenAI adapters (`/v1/chat/completions`, `/v1/completions`, `/v1/models`; `/v1/responses`)
+and the Anthropic adapter (`/v1/messages`, `/v1/messages/count_tokens`) behind `intake.Intake` (Host,
+content type, body size and read deadline).  Every route runs inside `_guard`, which turns any failure
+into the error format of that route's API family, logs it and keeps serving; an unexpected exception is
+logged with its traceback and answered "internal error" only, never with its text.
 
 Prompts are rendered and tokenized off the event loop.  Before the tokenizer runs, a prompt that cannot
 fit the context is refused on a bound that needs no tokenizing: no token stands for more than
 `max_token_bytes` bytes (the longest in the vocabulary; 128 for V4), and a byte-level BPE without a
 normalizer (V4's) turns text into tokens whose bytes are exactly the text's UTF-8 bytes, so a text of
 B bytes is at least ceil(B / max_token_bytes) tokens.  The bound never refuses a prompt that fits.
+
+Middleware, outermost first: `metrics.Accounting` (every request counted at `/metrics` and logged in one
+line, refusals included), CORS for `allowed_origins` when there are any, then `intake.Intake`.
+
+`GET /` is the chat page (`page/index.html`), served without a key: it holds no data, and the API calls
+it makes carry the key the user types into it.  Its Content-Security-Policy allows scripts and styles
+inline only and connections to this origin only, so the page can load nothing from elsewhere.
 """
 
 from __future__ import annotations
@@ -21,30 +28,41 @@ import contextlib
 import hmac
 import logging
 import time
+from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from dsv4.portable.encoding import Control, render_prompt
+from dsv4.portable.encoding import Control, from_openai, render_prompt
+from dsv4.portable.engine import Engine, PrefixCache
 
-from . import anthropic_api, openai_api
-from .engine import Engine
+from ..session import MODES
+from . import anthropic_api, metrics, openai_api, responses_api, tokens_api
 from .errors import APIError, error_response
 from .generation import ClientGone
 from .intake import LOOPBACK_NAMES, Intake, Limits, default_max_body
 
 log = logging.getLogger("dsv4.serve")
 
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                                           "style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; "
+                                           "form-action 'none'; frame-ancestors 'none'",
+                "Cache-Control": "no-cache"}
+
 
 class ServerState:
     """What the adapters share: the engine, the tokenizer and the served model's identity."""
 
     def __init__(self, engine: Engine, tokenizer, model_name: str, context: int, effort_table: str,
-                 api_key: str | None, limits: Limits):
+                 api_key: str | None, limits: Limits, default_mode: str = "chat"):
+        if default_mode not in MODES:
+            raise ValueError(f"default_mode must be one of {', '.join(MODES)}, got {default_mode!r}")
         self.engine, self.tokenizer = engine, tokenizer
         self.model_name, self.context, self.effort_table = model_name, context, effort_table
-        self.api_key, self.limits = api_key, limits
+        self.api_key, self.limits, self.default_mode = api_key, limits, default_mode
+        self.metrics = metrics.Metrics(engine.stats)
         self.created = int(time.time())
         self.max_token_bytes = max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
 
@@ -59,6 +77,13 @@ class ServerState:
                            code="missing_api_key")
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
             raise APIError(401, "invalid API key", code="invalid_api_key")
+
+    def openai_input(self, data: dict):
+        """Encoder input of an OpenAI request body; one that says nothing about thinking gets the
+        server's default mode (chat, thinking or max, as `dsv4 chat --mode` names them)."""
+        thinking_mode, effort = MODES[self.default_mode]
+        return from_openai(data, effort_table=self.effort_table, default_thinking=thinking_mode == "thinking",
+                           default_effort=effort)
 
     def check_model(self, name: str) -> str:
         if name != self.model_name:
@@ -124,7 +149,7 @@ def _guard(state: ServerState, handler, auth: bool = True):
             return JSONResponse({}, status_code=499)
         except ValueError as e:   # the encoding layer's RequestError / EncodingError, sampler checks
             log.info("%s %s -> 400: %s", request.method, path, e)
-            return error_response(path, APIError(400, str(e)))
+            return error_response(path, APIError(400, str(e), getattr(e, "param", None)))
         except Exception:
             log.exception("%s %s failed", request.method, path)
             return error_response(path, APIError(500, "internal error (the server log has the details)"))
@@ -134,19 +159,23 @@ def _guard(state: ServerState, handler, auth: bool = True):
 
 def build_app(model, model_name: str = "demo", api_key: str | None = None, max_queue: int = 64,
               max_batch: int = 8, prefill_chunk: int = 256, cache_size: int = 8, max_body: int | None = None,
-              read_timeout: float = 20.0, allowed_hosts=LOOPBACK_NAMES) -> FastAPI:
+              read_timeout: float = 20.0, allowed_hosts=LOOPBACK_NAMES, default_mode: str = "chat",
+              allowed_origins=(), prompt_store=None) -> FastAPI:
     """An ASGI app serving `model`; the scheduler starts with the app and stops with it.
 
     max_body: the largest request body in bytes (None: `intake.default_max_body` of the context);
     read_timeout: seconds a client has for its request headers, and again for its body (the header
     deadline needs the app served with `connection.uvicorn_config`); allowed_hosts: the `Host` names
-    accepted ("*": any)."""
+    accepted ("*": any); default_mode: how OpenAI requests that say nothing about thinking are answered
+    (chat, thinking or max; Anthropic requests follow Anthropic's default, no thinking);
+    allowed_origins: the web origins granted CORS ("*": any; none by default); prompt_store: a
+    `portable.prompt_store.StateStore`, the prompt cache's tier on disk that survives restarts."""
     engine = Engine(model, max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk,
-                    cache_size=cache_size)
+                    cache=PrefixCache(cache_size, disk=prompt_store) if cache_size or prompt_store else None)
     limits = Limits(default_max_body(model.context) if max_body is None else max_body, read_timeout,
                     tuple(allowed_hosts))
     state = ServerState(engine, model.tokenizer, model_name, model.context,
-                        getattr(model.config, "encoding", "2604"), api_key, limits)
+                        getattr(model.config, "encoding", "2604"), api_key, limits, default_mode)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -161,11 +190,23 @@ def build_app(model, model_name: str = "demo", api_key: str | None = None, max_q
     async def health(state, request):
         return JSONResponse({"status": "ok", "model": state.model_name, **state.engine.stats()})
 
+    page = resources.files(__package__).joinpath("page/index.html").read_text(encoding="utf-8")
+
+    async def chat_page(state, request):
+        return HTMLResponse(page, headers=PAGE_HEADERS)
+
     app.add_api_route("/health", _guard(state, health, auth=False), methods=["GET"])
-    routes = openai_api.ROUTES + anthropic_api.ROUTES
+    app.add_api_route("/", _guard(state, chat_page, auth=False), methods=["GET"])
+    routes = (openai_api.ROUTES + responses_api.ROUTES + anthropic_api.ROUTES + tokens_api.ROUTES
+              + metrics.ROUTES)
     for path, handler, methods in routes:
         app.add_api_route(path, _guard(state, handler), methods=methods)
     app.add_middleware(Intake, limits=limits, json_paths=[path for path, _, methods in routes if "POST" in methods])
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], max_age=600)
+    app.add_middleware(metrics.Accounting, metrics=state.metrics,
+                       routes=[r.path for r in app.routes if "{" not in r.path])
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -142,14 +142,29 @@ class Body:
             raise bad_request(f"'{name}'={json.dumps(value)} is not supported by this server", name)
 
 
-def sampling_params(body: Body, max_temperature: float) -> SamplingParams:
+def logit_bias(body: Body, vocab_size: int) -> tuple:
+    """OpenAI's `logit_bias`, {"token id": bias}, as ((id, bias), ...); the ids must be in the
+    vocabulary (the bias range is the sampler's check)."""
+    value = body.get("logit_bias", "object", default={})
+    pairs = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise bad_request(f"'logit_bias' keys must be token ids in 0..{vocab_size - 1}, got {key!r}",
+                              "logit_bias")
+        if not _is(bias, "number"):
+            raise bad_request(f"'logit_bias' values must be numbers, got {_json_type(bias)}", "logit_bias")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+def sampling_params(body: Body, max_temperature: float, vocab_size: int | None = None) -> SamplingParams:
     """Sampler settings shared by all endpoints (top_k/min_p/repetition_penalty are the common
-    open-source extensions; presence/frequency penalties and logit_bias are refused unless neutral).
-    The API caps temperature; every other bound is the sampler's own (`SamplingParams`), so what is
-    accepted here is exactly what the sampler runs."""
-    body.unsupported_unless("presence_penalty", (0, 0.0))
-    body.unsupported_unless("frequency_penalty", (0, 0.0))
-    body.unsupported_unless("logit_bias", ({},))
+    open-source extensions; presence/frequency penalties follow OpenAI; `logit_bias` is read where the
+    API has it, `vocab_size` given, and refused unless empty elsewhere).  The API caps temperature;
+    every other bound is the sampler's own (`SamplingParams`), so what is accepted here is exactly what
+    the sampler runs."""
+    if vocab_size is None:
+        body.unsupported_unless("logit_bias", ({},))
     top_k = body.integer("top_k", 0, -1)             # -1: the common spelling of "off"
     try:
         return SamplingParams(
@@ -158,6 +173,9 @@ def sampling_params(body: Body, max_temperature: float) -> SamplingParams:
             top_k=max(top_k, 0),
             min_p=body.get("min_p", "number", default=0.0),
             repetition_penalty=body.get("repetition_penalty", "number", default=1.0),
-            seed=body.get("seed", "integer"))
+            seed=body.get("seed", "integer"),
+            presence_penalty=body.get("presence_penalty", "number", default=0.0),
+            frequency_penalty=body.get("frequency_penalty", "number", default=0.0),
+            logit_bias=() if vocab_size is None else logit_bias(body, vocab_size))
     except SamplingError as e:
         raise bad_request(str(e), e.param) from None

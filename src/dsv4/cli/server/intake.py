@@ -11,8 +11,9 @@ upload is refused without a route thread, a JSON parse or a tokenizer ever seein
   server is reached by are accepted (403).  A loopback bind accepts the loopback names, a wildcard bind
   (0.0.0.0, ::) any name, another address only itself; `allowed_hosts` replaces that choice.
 * Content type: a browser sends `text/plain` or form bodies cross-origin without asking; it must ask
-  (CORS preflight, which this server never grants) before sending `application/json`.  So the JSON
-  endpoints accept only `application/json` (415).
+  (CORS preflight, granted only to the origins of `dsv4 serve --allowed-origins`) before sending
+  `application/json`.  So the JSON endpoints accept only `application/json` (415).  A preflight is an
+  OPTIONS request without a body: it passes here (Host checked) and is answered by the CORS layer.
 * Size: a declared `Content-Length` above the limit is refused before one byte of the body is read; a
   chunked body is counted as it arrives (413).  The unread rest is discarded by the HTTP layer, which
   keeps the connection for the client's next request.

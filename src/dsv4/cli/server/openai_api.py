@@ -2,11 +2,16 @@
 
 Conventions beyond the OpenAI spec follow DeepSeek's own API: reasoning comes back as
 `reasoning_content` (message and stream delta), thinking is switched with `thinking: {"type": ...}`,
-`chat_template_kwargs.thinking` or `reasoning_effort: "none"` (see `encoding.requests`).  A tool call
+`chat_template_kwargs.thinking` or `reasoning_effort` (see `encoding.requests`); a request that says
+nothing gets the server's `--default-mode` (chat unless set), which the model object names as
+`default_mode`.  A tool call
 is streamed as one delta carrying its complete JSON arguments, once the parser has closed the DSML
 invoke, so a client never sees markup or half-parsed arguments.  Logprobs cover every generated token
 (reasoning included) under `logprobs.content`.  The final stream chunk (the one with `finish_reason`)
 always carries `usage`; `stream_options.include_usage` adds OpenAI's separate usage-only chunk.
+`n` > 1 choices share one prefill (the others start from forks of its state, `Generation.choices`);
+usage counts the prompt once and sums the choices' completion tokens, and in a stream the finish chunk
+of the last choice to end carries it.
 """
 
 from __future__ import annotations
@@ -16,20 +21,23 @@ import uuid
 
 from fastapi.responses import JSONResponse
 
-from dsv4.portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent, from_openai
+from dsv4.portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent
 
 from .errors import APIError, bad_request, openai_error_body
 from .fields import Body, sampling_params
-from .generation import Done, GenParams, Generation, TokenInfo
+from .generation import Done, GenParams, Generation, TokenInfo, gather, merge, output_constraint
+from .metrics import observe
 from .sse import EventStream, sse
 
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 16
 
 
-def _usage(done: Done) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+def _usage(*dones: Done) -> dict:
+    """Usage of a request's choices: their shared prompt once, their completion tokens summed."""
+    prompt, completion = dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": dones[0].cached_tokens}}
 
 
 def _finish_reason(done: Done) -> str:
@@ -70,8 +78,12 @@ def _include_usage(body: Body, stream: bool) -> bool:
 def _check_common(body: Body, state) -> bool:
     """Fields every generation endpoint shares; returns `stream`."""
     state.check_model(body.get("model", "string", required=True))
-    body.integer("n", 1, 1, 1)
     return body.get("stream", "boolean", default=False)
+
+
+def _choices(body: Body) -> int:
+    """`n`: choices of one prompt (one prefill, the others forks of its state)."""
+    return body.integer("n", 1, 1, MAX_CHOICES)
 
 
 def _max_tokens(body: Body, state, prompt_len: int, default: int | None) -> int:
@@ -91,27 +103,40 @@ async def chat_completions(state, request):
                         ("chat_template_kwargs", ("object",)), ("response_format", ("object",)),
                         ("parallel_tool_calls", ("boolean",)), ("user", ("string",))):
         body.get(name, *kinds)
-    enc = from_openai(body.data, effort_table=state.effort_table)
+    enc = state.openai_input(body.data)
     top = _top_logprobs(body)
-    params_sampling = sampling_params(body, max_temperature=2.0)
+    params_sampling = sampling_params(body, max_temperature=2.0, vocab_size=state.tokenizer.vocab_size)
     stop = body.strings("stop", max_items=16)
     include_usage = _include_usage(body, stream)
     prompt = await state.encode(enc)
-    params = GenParams(_max_tokens(body, state, len(prompt), None), params_sampling, stop, top)
-    gen = Generation(state.engine, state.tokenizer, prompt, params, enc.thinking_mode)
+    params = GenParams(_max_tokens(body, state, len(prompt), None), params_sampling, stop, top, n=_choices(body),
+                       constraint=await output_constraint(state.engine, state.tokenizer, enc))
+    gens = Generation.choices(state.engine, state.tokenizer, prompt, params, enc.thinking_mode)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name,
             "system_fingerprint": None}
     thinking = enc.thinking_mode == "thinking"
     if stream:
-        frames = _chat_stream(state, gen, head, top is not None, include_usage, thinking)
-        return EventStream(frames, gen.cancel)
-    return JSONResponse(await _chat_result(state, gen, head, top is not None, thinking, request))
+        frames = _chat_stream(state, gens, head, top is not None, include_usage, thinking)
+        return EventStream(frames, lambda: _cancel(gens))
+    return JSONResponse(await _chat_result(state, gens, head, top is not None, thinking, request))
 
 
-async def _chat_result(state, gen, head, logprobs, thinking, request) -> dict:
+def _cancel(gens) -> None:
+    for gen in gens:
+        gen.cancel()
+
+
+async def _chat_result(state, gens, head, logprobs, thinking, request) -> dict:
+    answers = await gather(_chat_choice(state, gen, i, logprobs, thinking, request) for i, gen in enumerate(gens))
+    return {**head, "object": "chat.completion", "choices": [choice for choice, _ in answers],
+            "usage": _usage(*(done for _, done in answers))}
+
+
+async def _chat_choice(state, gen, index, logprobs, thinking, request) -> tuple:
+    """(choice object, Done) of one choice."""
     reasoning, content, calls, infos = [], [], [], []
     done = None
-    async for ev in gen.events(request.is_disconnected):
+    async for ev in observe(gen.events(request.is_disconnected)):
         if isinstance(ev, TokenInfo):
             infos.append(ev)
         elif isinstance(ev, ReasoningDelta):
@@ -130,40 +155,47 @@ async def _chat_result(state, gen, head, logprobs, thinking, request) -> dict:
         message["reasoning_content"] = "".join(reasoning)
     if calls:
         message["tool_calls"] = calls
-    choice = {"index": 0, "message": message, "finish_reason": _finish_reason(done),
+    choice = {"index": index, "message": message, "finish_reason": _finish_reason(done),
               "logprobs": {"content": _logprob_entries(state.tokenizer, infos), "refusal": None}
               if logprobs else None}
-    return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(done)}
+    return choice, done
 
 
-async def _chat_stream(state, gen, head, logprobs, include_usage, thinking):
-    infos = []
+async def _chat_stream(state, gens, head, logprobs, include_usage, thinking):
+    """Chunks of every choice as they come; the last choice's finish chunk carries the request's usage."""
+    infos, dones = [[] for _ in gens], []
 
-    def chunk(delta, finish=None, **extra):
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        if logprobs and infos:
-            choice["logprobs"] = {"content": _logprob_entries(state.tokenizer, infos), "refusal": None}
-            infos.clear()
+    def chunk(index, delta, finish=None, **extra):
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        if logprobs and infos[index]:
+            choice["logprobs"] = {"content": _logprob_entries(state.tokenizer, infos[index]), "refusal": None}
+            infos[index].clear()
         return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **extra})
 
-    yield chunk({"role": "assistant", "content": ""})
-    async for ev in gen.events():
+    for index in range(len(gens)):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    async for index, ev in merge([observe(gen.events()) for gen in gens]):
         if isinstance(ev, TokenInfo):
-            infos.append(ev)
+            infos[index].append(ev)
         elif isinstance(ev, ReasoningDelta):
-            yield chunk({"reasoning_content": ev.text})
+            yield chunk(index, {"reasoning_content": ev.text})
         elif isinstance(ev, ContentDelta):
-            yield chunk({"content": ev.text})
+            yield chunk(index, {"content": ev.text})
         elif isinstance(ev, ToolCallEvent):
-            yield chunk({"tool_calls": [{"index": ev.index, "id": f"call_{uuid.uuid4().hex[:24]}",
-                                         "type": "function",
-                                         "function": {"name": ev.name, "arguments": ev.arguments}}]})
+            yield chunk(index, {"tool_calls": [{"index": ev.index, "id": f"call_{uuid.uuid4().hex[:24]}",
+                                                "type": "function",
+                                                "function": {"name": ev.name, "arguments": ev.arguments}}]})
         elif ev.finish == "error":
+            dones.append(ev)
             yield sse(openai_error_body(APIError(500, f"generation failed: {ev.error}")))
         else:
-            yield chunk({}, _finish_reason(ev), usage=_usage(ev))
+            dones.append(ev)
+            if len(dones) < len(gens):
+                yield chunk(index, {}, _finish_reason(ev))
+                continue
+            yield chunk(index, {}, _finish_reason(ev), usage=_usage(*dones))
             if include_usage:
-                yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(ev)})
+                yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(*dones)})
     yield sse("[DONE]")
 
 
@@ -195,18 +227,27 @@ async def completions(state, request):
     body.unsupported_unless("suffix", ("",))
     body.integer("best_of", 1, 1, 1)
     top = body.integer("logprobs", None, 0, 5)
-    params_sampling = sampling_params(body, max_temperature=2.0)
+    params_sampling = sampling_params(body, max_temperature=2.0, vocab_size=state.tokenizer.vocab_size)
     stop = body.strings("stop", max_items=16)
     include_usage = _include_usage(body, stream)
     prompt = await _completion_prompt(body, state)
-    params = GenParams(_max_tokens(body, state, len(prompt), 16), params_sampling, stop, top)
-    gen = Generation(state.engine, state.tokenizer, prompt, params, "raw")
+    params = GenParams(_max_tokens(body, state, len(prompt), 16), params_sampling, stop, top, n=_choices(body))
+    gens = Generation.choices(state.engine, state.tokenizer, prompt, params, "raw")
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
     if stream:
-        return EventStream(_completion_stream(state, gen, head, top is not None, include_usage), gen.cancel)
+        return EventStream(_completion_stream(state, gens, head, top is not None, include_usage),
+                           lambda: _cancel(gens))
+    answers = await gather(_completion_choice(state, gen, i, top is not None, request)
+                           for i, gen in enumerate(gens))
+    return JSONResponse({**head, "choices": [choice for choice, _ in answers],
+                         "usage": _usage(*(done for _, done in answers))})
+
+
+async def _completion_choice(state, gen, index, logprobs, request) -> tuple:
+    """(choice object, Done) of one choice."""
     text, infos, done = [], [], None
-    async for ev in gen.events(request.is_disconnected):
+    async for ev in observe(gen.events(request.is_disconnected)):
         if isinstance(ev, TokenInfo):
             infos.append(ev)
         elif isinstance(ev, ContentDelta):
@@ -215,9 +256,9 @@ async def completions(state, request):
             done = ev
     if done.finish == "error":
         raise APIError(500, f"generation failed: {done.error}")
-    choice = {"index": 0, "text": "".join(text), "finish_reason": _finish_reason(done),
-              "logprobs": _legacy_logprobs(state.tokenizer, infos) if top is not None else None}
-    return JSONResponse({**head, "choices": [choice], "usage": _usage(done)})
+    choice = {"index": index, "text": "".join(text), "finish_reason": _finish_reason(done),
+              "logprobs": _legacy_logprobs(state.tokenizer, infos) if logprobs else None}
+    return choice, done
 
 
 def _legacy_logprobs(tokenizer, infos, offset: int = 0) -> dict:
@@ -231,42 +272,56 @@ def _legacy_logprobs(tokenizer, infos, offset: int = 0) -> dict:
                              for t in infos]}
 
 
-async def _completion_stream(state, gen, head, logprobs, include_usage):
-    infos, offset = [], 0
+async def _completion_stream(state, gens, head, logprobs, include_usage):
+    """Chunks of every choice as they come; the last choice's finish chunk carries the request's usage."""
+    infos, offsets, dones = [[] for _ in gens], [0] * len(gens), []
 
-    def chunk(text, finish=None, **extra):
-        nonlocal offset
+    def chunk(index, text, finish=None, **extra):
         lp = None
-        if logprobs and infos:
-            lp = _legacy_logprobs(state.tokenizer, infos, offset)
-            offset += sum(len(t) for t in lp["tokens"])
-            infos.clear()
-        return sse({**head, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}],
+        if logprobs and infos[index]:
+            lp = _legacy_logprobs(state.tokenizer, infos[index], offsets[index])
+            offsets[index] += sum(len(t) for t in lp["tokens"])
+            infos[index].clear()
+        return sse({**head, "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": lp}],
                     **extra})
 
-    async for ev in gen.events():
+    async for index, ev in merge([observe(gen.events()) for gen in gens]):
         if isinstance(ev, TokenInfo):
-            infos.append(ev)
+            infos[index].append(ev)
         elif isinstance(ev, ContentDelta):
-            yield chunk(ev.text)
+            yield chunk(index, ev.text)
         elif ev.finish == "error":
+            dones.append(ev)
             yield sse(openai_error_body(APIError(500, f"generation failed: {ev.error}")))
         else:
-            yield chunk("", _finish_reason(ev), usage=_usage(ev))
+            dones.append(ev)
+            if len(dones) < len(gens):
+                yield chunk(index, "", _finish_reason(ev))
+                continue
+            yield chunk(index, "", _finish_reason(ev), usage=_usage(*dones))
             if include_usage:
-                yield sse({**head, "choices": [], "usage": _usage(ev)})
+                yield sse({**head, "choices": [], "usage": _usage(*dones)})
     yield sse("[DONE]")
 
 
 # ---------------------------------------------------------------- models
 
 
+def _model_object(state) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "dsv4",
+            "context_length": state.context, "default_mode": state.default_mode}
+
+
 async def models(state, request):
-    return JSONResponse({"object": "list", "data": [
-        {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "dsv4",
-         "context_length": state.context}]})
+    return JSONResponse({"object": "list", "data": [_model_object(state)]})
+
+
+async def model(state, request):
+    state.check_model(request.path_params["model_id"])
+    return JSONResponse(_model_object(state))
 
 
 ROUTES = [("/v1/chat/completions", chat_completions, ["POST"]),
           ("/v1/completions", completions, ["POST"]),
-          ("/v1/models", models, ["GET"])]
+          ("/v1/models", models, ["GET"]),
+          ("/v1/models/{model_id:path}", model, ["GET"])]

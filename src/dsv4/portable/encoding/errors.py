@@ -10,4 +10,9 @@ class ParseError(ValueError):
 
 
 class RequestError(ValueError):
-    """An OpenAI/Anthropic request uses something V4 cannot express (images, forced tool choice…)."""
+    """An OpenAI/Anthropic request uses something V4 cannot express (images, an unknown tool…);
+    `param` names the request field when one is to blame, for the API's error body."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

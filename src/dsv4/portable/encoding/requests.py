@@ -2,20 +2,26 @@
 
 These are API-boundary conventions, not part of DeepSeek's reference; the decisions:
 
-* Thinking is on unless the request turns it off (DeepSeek API default for V4).  OpenAI side:
+* Thinking follows the request; one that says nothing gets the caller's default (`default_thinking`,
+  and on the OpenAI side `default_effort`: the server's `--default-mode`).  OpenAI side:
   `thinking: {"type": "enabled"|"disabled"}`, else `chat_template_kwargs.thinking` /
-  `.enable_thinking`, and `reasoning_effort: "none"` means chat mode.  Anthropic side: the `thinking`
-  object (`enabled`/`adaptive` vs `disabled`).
+  `.enable_thinking`; `reasoning_effort: "none"` means chat mode and any other effort means thinking
+  unless a switch turns it off.  Anthropic side: the `thinking` object (`enabled`/`adaptive` vs
+  `disabled`).
 * `reasoning_effort` names are mapped onto the checkpoint's effort table, not passed through: on 2604
   minimal/low/medium/high -> "high" (a no-op there), xhigh/max -> "max"; on 0731 minimal/low/medium ->
   "low", high/xhigh -> "high", max -> "max".
 * OpenAI `developer` is a system prompt (V4's own `developer` role is a search-agent user turn).
 * Content-part lists: text parts joined by a blank line (like the encoder's block joining); any
   non-text part (images, audio, files) is refused – V4 is a text model.
-* `tool_choice`: "auto"/absent keeps the tools, "none" omits them; "required" or a named tool is
-  refused, because the prompt format has no way to force a call.
+* `tool_choice`: "auto"/absent keeps the tools, "none" omits them.  The prompt format has no way to
+  force a call, so "required" / a named tool (OpenAI) and `any` / `{"type": "tool"}` (Anthropic) keep the
+  tools in the prompt and set `EncoderInput.output`, an `OutputRule` the server turns into a grammar
+  constraint (`dsv4.portable.constraints`); `parallel_tool_calls: false` / `disable_parallel_tool_use`
+  allow one call only.
 * `response_format`: json_schema -> its schema, json_object -> `{"type": "object"}`, rendered in the
-  system prompt's response-format section.
+  system prompt's response-format section and set as the `OutputRule` the content must satisfy (the
+  offered tools, under "auto", remain the alternative).
 * OpenAI `prefix: true` on the final assistant message and an Anthropic final assistant message
   (prefill) both become `wo_eos`: the model continues that text.
 * Every field read has its JSON type checked (text is a string, an id is a string, a schema is an
@@ -24,7 +30,7 @@ These are API-boundary conventions, not part of DeepSeek's reference; the decisi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 from .encoder import flatten_content
 from .errors import RequestError
@@ -37,9 +43,22 @@ EFFORT_ALIASES = {
 }
 
 
+@dataclass(frozen=True)
+class OutputRule:
+    """What a reply must be when the request says so (the encoder cannot express it): with `forced`, a
+    tool call to one of `tools` (OpenAI function objects), more than one only if `parallel`; otherwise
+    JSON content valid under `schema`, or a call to one of `tools` (those offered under "auto")."""
+
+    tools: list | None = None
+    forced: bool = False
+    parallel: bool = True
+    schema: dict | None = None
+
+
 @dataclass
 class EncoderInput:
-    """Keyword arguments for `encode_messages` / `Tokenizer.encode_messages` (`**as_kwargs()`)."""
+    """Keyword arguments for `encode_messages` / `Tokenizer.encode_messages` (`**as_kwargs()`), and the
+    `output` rule the generation must follow (not the encoder's business)."""
 
     messages: list
     thinking_mode: str = "thinking"
@@ -47,9 +66,10 @@ class EncoderInput:
     drop_thinking: bool = True
     tools: list | None = None
     effort_table: str = "2604"
+    output: OutputRule | None = field(default=None, compare=False)
 
     def as_kwargs(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "output"}
 
 
 def _kind(value) -> str:
@@ -92,26 +112,70 @@ def map_reasoning_effort(effort, effort_table: str = "2604"):
 # ---------------------------------------------------------------- OpenAI
 
 
-def from_openai(request: dict, effort_table: str = "2604", default_thinking: bool = True) -> EncoderInput:
-    """Map an OpenAI/DeepSeek chat-completions request body to encoder input."""
+def from_openai(request: dict, effort_table: str = "2604", default_thinking: bool = True,
+                default_effort: str | None = None) -> EncoderInput:
+    """Map an OpenAI/DeepSeek chat-completions request body to encoder input; a request with neither a
+    thinking switch nor `reasoning_effort` thinks when `default_thinking`, at `default_effort`."""
     raw = request.get("messages")
     if not isinstance(raw, list) or not raw:
         raise RequestError("messages must be a non-empty list")
     kwargs = _object(request.get("chat_template_kwargs") or {}, "chat_template_kwargs")
-    thinking = _openai_thinking(request, kwargs, default_thinking)
+    thinking = _openai_thinking(request, kwargs)
     effort = request.get("reasoning_effort")
     if effort == "none":
         thinking, effort = False, None
+    elif thinking is None and effort is None:
+        thinking, effort = default_thinking, default_effort if default_thinking else None
+    elif thinking is None:
+        thinking = True
     messages = [_openai_message(m, f"messages[{k}]", is_last=k == len(raw) - 1) for k, m in enumerate(raw)]
-    _attach_response_format(messages, request.get("response_format"))
-    tools = _tools_for_choice(_openai_tools(request.get("tools")), request.get("tool_choice"))
+    schema = _attach_response_format(messages, request.get("response_format"))
+    tools = _openai_tools(request.get("tools"))
+    choice = _openai_choice(request.get("tool_choice"))
+    parallel = request.get("parallel_tool_calls") is not False
     return EncoderInput(messages=messages, thinking_mode="thinking" if thinking else "chat",
                         reasoning_effort=map_reasoning_effort(effort, effort_table),
-                        drop_thinking=bool(kwargs.get("drop_thinking", True)), tools=tools,
-                        effort_table=effort_table)
+                        drop_thinking=bool(kwargs.get("drop_thinking", True)),
+                        tools=None if choice == "none" else tools, effort_table=effort_table,
+                        output=_output_rule(tools, choice, parallel, schema))
 
 
-def _openai_thinking(request, kwargs, default):
+def _openai_choice(choice):
+    """OpenAI `tool_choice` as "auto", "none", "any" or ("tool", name)."""
+    if choice in (None, "auto", "none"):
+        return choice or "auto"
+    if choice == "required":
+        return "any"
+    if isinstance(choice, dict) and choice.get("type") in ("auto", "none"):
+        return choice["type"]
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else choice.get("name")
+        if isinstance(name, str) and name:
+            return "tool", name
+    raise RequestError("tool_choice must be 'auto', 'none', 'required' or "
+                       "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+
+
+def _output_rule(tools, choice, parallel: bool, schema) -> OutputRule | None:
+    """The rule a forced `choice` ("any" or ("tool", name)) or a response `schema` puts on the reply."""
+    functions = [t["function"] for t in tools or ()]
+    if choice in ("auto", "none"):
+        if schema is None:
+            return None
+        return OutputRule(tools=functions if choice == "auto" and functions else None, schema=schema)
+    if not functions:
+        raise RequestError("tool_choice forces a tool call, but the request offers no tools", "tool_choice")
+    if choice != "any":
+        functions = [f for f in functions if f["name"] == choice[1]]
+        if not functions:
+            raise RequestError(f"tool_choice names the tool {choice[1]!r}, which is not among the tools",
+                               "tool_choice")
+    return OutputRule(tools=functions, forced=True, parallel=parallel)
+
+
+def _openai_thinking(request, kwargs):
+    """The request's thinking switch: True, False, or None when it has none."""
     switch = request.get("thinking")
     if isinstance(switch, dict) and "type" in switch:
         if switch["type"] not in ("enabled", "disabled"):
@@ -120,7 +184,7 @@ def _openai_thinking(request, kwargs, default):
     for key in ("thinking", "enable_thinking"):
         if key in kwargs:
             return bool(kwargs[key])
-    return default
+    return None
 
 
 def _openai_message(m, where, is_last):
@@ -179,21 +243,13 @@ def _check_tool(function: dict, where: str, schema_key: str) -> None:
         _object(function[schema_key], f"{where}.{schema_key}")
 
 
-def _tools_for_choice(tools, choice):
-    if choice in (None, "auto") or (isinstance(choice, dict) and choice.get("type") == "auto"):
-        return tools
-    if choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none"):
-        return None
-    raise RequestError("tool_choice 'required' or a named tool cannot be honoured by DeepSeek V4; "
-                       "use 'auto' or 'none'")
-
-
-def _attach_response_format(messages, response_format):
+def _attach_response_format(messages, response_format) -> dict | None:
+    """Render the requested schema into the system prompt; returns it (None for plain text)."""
     if response_format is None:
-        return
+        return None
     kind = _string(_object(response_format, "response_format").get("type"), "response_format.type", "text")
     if kind == "text":
-        return
+        return None
     if kind == "json_object":
         schema = {"type": "object"}
     elif kind == "json_schema":
@@ -206,6 +262,7 @@ def _attach_response_format(messages, response_format):
     if messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": ""})
     messages[0]["response_format"] = schema
+    return schema
 
 
 def _text_only(content, where):
@@ -243,9 +300,24 @@ def from_anthropic(request: dict, effort_table: str = "2604", default_thinking: 
                                                  prefill=k == len(raw) - 1))
         else:
             raise RequestError(f"unsupported message role {role!r}")
-    tools = _tools_for_choice(_anthropic_tools(request.get("tools")), request.get("tool_choice"))
+    tools = _anthropic_tools(request.get("tools"))
+    choice, parallel = _anthropic_choice(request.get("tool_choice"))
     return EncoderInput(messages=messages, thinking_mode="thinking" if _anthropic_thinking(
-        request.get("thinking"), default_thinking) else "chat", tools=tools, effort_table=effort_table)
+        request.get("thinking"), default_thinking) else "chat", tools=None if choice == "none" else tools,
+        effort_table=effort_table, output=_output_rule(tools, choice, parallel, None))
+
+
+def _anthropic_choice(choice) -> tuple:
+    """Anthropic `tool_choice` as ("auto" | "none" | "any" | ("tool", name), parallel calls allowed)."""
+    if choice is None:
+        return "auto", True
+    kind = _object(choice, "tool_choice").get("type")
+    parallel = not choice.get("disable_parallel_tool_use", False)
+    if kind in ("auto", "none", "any"):
+        return kind, parallel
+    if kind == "tool" and isinstance(choice.get("name"), str) and choice["name"]:
+        return ("tool", choice["name"]), parallel
+    raise RequestError("tool_choice.type must be 'auto', 'any', 'none', or 'tool' with a name", "tool_choice")
 
 
 def _anthropic_thinking(switch, default):
