@@ -114,3 +114,18 @@ def anthropic_prompt(tokenizer, request: dict) -> list:
     return tokenizer.encode_messages(**from_anthropic(request).as_kwargs())
 
 
+
+
+def serve_configs(dsv4_cli, model, monkeypatch) -> tuple:
+    """(run, configs): `run(*args)` runs `dsv4 serve --port P *args` on `model` with uvicorn's server
+    stubbed out, so it returns at once; `configs` collects the `uvicorn.Config` each run built."""
+    import socket
+
+    from dsv4.cli import serve
+    configs = []
+    monkeypatch.setattr(serve, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(serve.uvicorn, "Server", lambda config: SimpleNamespace(run=lambda sockets: configs.append(config)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return (lambda *args: dsv4_cli("serve", "--port", port, *args)), configs

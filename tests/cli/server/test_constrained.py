@@ -180,3 +180,39 @@ def test_forced_choices_that_cannot_be_honoured_are_400(tiny_server):
         "tool_choice": {"type": "tool", "name": "fly"}})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert "fly" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- frameworks' structured output
+def _answer_model():
+    """ANSWER as the pydantic model a LangChain user would write (bounded, like every schema here)."""
+    from typing import Annotated
+
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        """An answer with a verdict and a score."""
+        ok: bool
+        score: Annotated[int, Field(ge=0, le=99)]
+    return Answer
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_openai_structured_output(tiny_server, method):
+    """`with_structured_output` is LangChain's default structured path: `json_schema` sends a strict
+    response_format, `function_calling` forces a named tool; both must come back as a parsed model."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    Answer = _answer_model()
+    llm = langchain_openai.ChatOpenAI(model="tiny", base_url=tiny_server + "/v1", api_key=API_KEY,
+                                      temperature=0, max_tokens=200, max_retries=0)
+    out = llm.with_structured_output(Answer, method=method).invoke(f"Rate this: {random_text()}")
+    assert isinstance(out, Answer) and 0 <= out.score <= 99
+
+
+def test_langchain_anthropic_structured_output(tiny_server):
+    """langchain-anthropic forces the schema as a tool (`tool_choice: {"type": "tool"}`)."""
+    langchain_anthropic = pytest.importorskip("langchain_anthropic")
+    Answer = _answer_model()
+    llm = langchain_anthropic.ChatAnthropic(model="tiny", base_url=tiny_server, api_key=API_KEY,
+                                            temperature=0, max_tokens=200, max_retries=0)
+    out = llm.with_structured_output(Answer).invoke(f"Rate this: {random_text()}")
+    assert isinstance(out, Answer) and 0 <= out.score <= 99

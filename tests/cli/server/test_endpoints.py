@@ -4,14 +4,13 @@
 
 import logging
 import re
-import socket
-from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from ..cli_helpers import error_line
-from .server_helpers import API_KEY, ScriptedModel, anthropic_prompt, live, openai_prompt, random_text
+from .server_helpers import (API_KEY, ScriptedModel, anthropic_prompt, live, openai_prompt, random_text,
+                             serve_configs)
 
 from dsv4.cli.server import build_app
 from dsv4.portable.encoding import from_openai
@@ -245,20 +244,13 @@ def test_serve_flags_reach_the_app(dsv4_cli, demo_model, monkeypatch):
                                                      "(or * for any)")):
         r = dsv4_cli("serve", *args)
         assert r.exit_code == 2 and error_line(r) == line
-    serve = pytest.importorskip("dsv4.cli.serve")
-    configs = []
-    monkeypatch.setattr(serve, "load_model", lambda *a, **k: demo_model)
-    monkeypatch.setattr(serve.uvicorn, "Server", lambda config: SimpleNamespace(run=lambda sockets: configs.append(config)))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    assert dsv4_cli("serve", "--port", port, "--default-mode", "thinking",
-                    "--allowed-origins", f"{ORIGIN}, http://b.example").exit_code == 0
+    run, configs = serve_configs(dsv4_cli, demo_model, monkeypatch)
+    assert run("--default-mode", "thinking", "--allowed-origins", f"{ORIGIN}, http://b.example").exit_code == 0
     app, config = configs[-1].app, configs[-1]
     assert app.state.server.default_mode == "thinking" and config.access_log is False
     cors = [m.kwargs["allow_origins"] for m in app.user_middleware if "allow_origins" in m.kwargs]
     assert cors == [[ORIGIN, "http://b.example"]]
-    assert dsv4_cli("serve", "--port", port).exit_code == 0
+    assert run().exit_code == 0
     app = configs[-1].app
     assert app.state.server.default_mode == "chat" and not any("allow_origins" in m.kwargs for m in app.user_middleware)
 

@@ -7,14 +7,12 @@ import json
 import socket
 import threading
 import time
-from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
 
 from ..cli_helpers import error_line
-from .server_helpers import API_KEY, ScriptedModel, live, random_text
+from .server_helpers import API_KEY, ScriptedModel, live, random_text, serve_configs
 
 from dsv4.cli.server import build_app
 from dsv4.cli.server.intake import Limits, default_max_body, host_name, hosts_for_bind
@@ -148,18 +146,11 @@ def test_serve_flags_reach_the_server(dsv4_cli, demo_model, monkeypatch):
                        (["--allowed-hosts", " , "], "error: --allowed-hosts needs at least one name (or * for any)")):
         r = dsv4_cli("serve", *args)
         assert r.exit_code == 2 and error_line(r) == line
-    serve = pytest.importorskip("dsv4.cli.serve")
-    configs = []
-    monkeypatch.setattr(serve, "load_model", lambda *a, **k: demo_model)
-    monkeypatch.setattr(serve.uvicorn, "Server", lambda config: SimpleNamespace(run=lambda sockets: configs.append(config)))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    r = dsv4_cli("serve", "--port", port, "--max-body-mb", "2.5", "--read-timeout", "5",
-                 "--allowed-hosts", "a.example, b")
+    run, configs = serve_configs(dsv4_cli, demo_model, monkeypatch)
+    r = run("--max-body-mb", "2.5", "--read-timeout", "5", "--allowed-hosts", "a.example, b")
     assert r.exit_code == 0, r.output
     assert configs[-1].app.state.server.limits == Limits(2_500_000, 5.0, ("a.example", "b"))
     assert configs[-1].http.header_timeout == 5.0
-    assert dsv4_cli("serve", "--port", port).exit_code == 0
+    assert run().exit_code == 0
     assert configs[-1].app.state.server.limits == Limits(default_max_body(demo_model.context), 20.0,
                                                          hosts_for_bind("127.0.0.1"))
