@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 
 from dsv4.portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent, from_anthropic
 
-from .errors import APIError, anthropic_error_body, bad_request
+from .errors import anthropic_error_body, bad_request
 from .fields import Body, sampling_params
 from .generation import Done, GenParams, Generation, output_constraint
 from .metrics import observe
@@ -87,7 +87,7 @@ async def messages(state, request):
         elif isinstance(ev, Done):
             done = ev
     if done.finish == "error":
-        raise APIError(500, f"generation failed: {done.error}")
+        raise done.failure()
     usage = {**_input_usage(done.prompt_tokens, done.cached_tokens), "output_tokens": done.completion_tokens}
     return JSONResponse({**head, "content": blocks, "stop_reason": _stop_reason(done),
                          "stop_sequence": done.stop_sequence, "usage": usage})
@@ -141,7 +141,7 @@ async def _stream(gen, head):
         elif isinstance(ev, Done):
             frames += close_block()
             if ev.finish == "error":
-                frames.append(sse(anthropic_error_body(APIError(500, f"generation failed: {ev.error}")), "error"))
+                frames.append(sse(anthropic_error_body(ev.failure()), "error"))
             else:
                 frames.append(sse({"type": "message_delta",
                                    "delta": {"stop_reason": _stop_reason(ev), "stop_sequence": ev.stop_sequence},

@@ -54,6 +54,10 @@ class Done:
     prefill_s: float = 0.0            # arrival to the first token
     decode_s: float = 0.0             # first token to the last
 
+    def failure(self) -> APIError:
+        """What a client is told of a failed generation ("error"), in every API's body or stream."""
+        return APIError(500, f"generation failed: {self.error}")
+
 
 async def output_constraint(engine, tokenizer, encoder_input):
     """The constraint the request's `output` rule asks for (None: the output is free), built off the

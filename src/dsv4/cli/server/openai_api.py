@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 
 from dsv4.portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent
 
-from .errors import APIError, bad_request, openai_error_body
+from .errors import bad_request, openai_error_body
 from .fields import Body, sampling_params
 from .generation import Done, GenParams, Generation, TokenInfo, gather, merge, output_constraint
 from .metrics import observe
@@ -149,7 +149,7 @@ async def _chat_choice(state, gen, index, logprobs, thinking, request) -> tuple:
         else:
             done = ev
     if done.finish == "error":
-        raise APIError(500, f"generation failed: {done.error}")
+        raise done.failure()
     message = {"role": "assistant", "content": "".join(content) if content or not calls else None}
     if thinking:
         message["reasoning_content"] = "".join(reasoning)
@@ -187,7 +187,7 @@ async def _chat_stream(state, gens, head, logprobs, include_usage, thinking):
                                                 "function": {"name": ev.name, "arguments": ev.arguments}}]})
         elif ev.finish == "error":
             dones.append(ev)
-            yield sse(openai_error_body(APIError(500, f"generation failed: {ev.error}")))
+            yield sse(openai_error_body(ev.failure()))
         else:
             dones.append(ev)
             if len(dones) < len(gens):
@@ -255,7 +255,7 @@ async def _completion_choice(state, gen, index, logprobs, request) -> tuple:
         elif isinstance(ev, Done):
             done = ev
     if done.finish == "error":
-        raise APIError(500, f"generation failed: {done.error}")
+        raise done.failure()
     choice = {"index": index, "text": "".join(text), "finish_reason": _finish_reason(done),
               "logprobs": _legacy_logprobs(state.tokenizer, infos) if logprobs else None}
     return choice, done
@@ -292,7 +292,7 @@ async def _completion_stream(state, gens, head, logprobs, include_usage):
             yield chunk(index, ev.text)
         elif ev.finish == "error":
             dones.append(ev)
-            yield sse(openai_error_body(APIError(500, f"generation failed: {ev.error}")))
+            yield sse(openai_error_body(ev.failure()))
         else:
             dones.append(ev)
             if len(dones) < len(gens):

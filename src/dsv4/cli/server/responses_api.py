@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 
 from dsv4.portable.encoding import ContentDelta, ReasoningDelta, RequestError, ToolCallEvent, map_reasoning_effort
 
-from .errors import APIError, bad_request
+from .errors import bad_request
 from .fields import Body, sampling_params
 from .generation import Done, GenParams, Generation, TokenInfo, output_constraint
 from .metrics import observe
@@ -336,7 +336,7 @@ class _Builder:
         self.done = done
         if done.finish == "error":
             failed = {**self.response("failed"),
-                      "error": {"code": "server_error", "message": f"generation failed: {done.error}"}}
+                      "error": {"code": "server_error", "message": done.failure().message}}
             return self._close("incomplete") + [{"type": "response.failed", "response": failed}]
         cut = done.finish == "length"
         events = self._close("incomplete" if cut else "completed")
@@ -407,7 +407,7 @@ async def responses(state, request):
     async for ev in observe(gen.events(request.is_disconnected)):
         builder.feed(ev)
     if builder.done.finish == "error":
-        raise APIError(500, f"generation failed: {builder.done.error}")
+        raise builder.done.failure()
     return JSONResponse(builder.final())
 
 
