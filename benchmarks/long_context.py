@@ -103,9 +103,11 @@ def _load(backend: str, context: int, dtype: str = "float32", fmt: str | None = 
     path = long_tiny()
     if backend == "onnx":
         from dsv4.export import export_onnx
+        from dsv4.export.manifest import VERSION
         from dsv4.portable.tiny import cache_dir
         out = cache_dir() / "tiny-1m-onnx"
-        if not (out / "manifest.json").exists():
+        manifest = out / "manifest.json"
+        if not manifest.exists() or json.loads(manifest.read_text()).get("version") != VERSION:
             export_onnx(path, out, context=1 << 20, overwrite=True)
         path = out
     return dsv4.load(path, backend=backend, dtype=dtype, context=context, state_format=fmt)

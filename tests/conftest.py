@@ -32,14 +32,15 @@ def rand_ids():
 
 @pytest.fixture(scope="session")
 def onnx_export(tmp_path_factory):
-    """onnx_export(checkpoint_dir, context, dtype="float32", mtp=True) → export directory, made once per
-    session per (checkpoint, context, dtype, mtp)."""
+    """onnx_export(checkpoint_dir, context, weights="quantized", mtp=True) → export directory, made once per
+    session per (checkpoint, context, weights, mtp)."""
     from dsv4.export import export_onnx
     made = {}
 
-    def get(ckpt_dir, context, dtype="float32", mtp=True):
-        key = (str(ckpt_dir), context, dtype, mtp)
+    def get(ckpt_dir, context, weights="quantized", mtp=True):
+        key = (str(ckpt_dir), context, weights, mtp)
         if key not in made:
-            made[key] = export_onnx(ckpt_dir, tmp_path_factory.mktemp("onnx"), dtype=dtype, context=context, mtp=mtp)
+            made[key] = export_onnx(ckpt_dir, tmp_path_factory.mktemp("onnx"), weights=weights, context=context,
+                                    mtp=mtp)
         return made[key]
     return get

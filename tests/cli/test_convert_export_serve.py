@@ -64,7 +64,7 @@ def test_convert_says_which_formats_it_wrote_on_one_unwrapped_line(dsv4_cli, tin
     assert r.exit_code == 0 and f"wrote {affine} (experts affine 4-bit, other linears affine 4-bit)" in r.stderr
 
 
-def test_converted_and_exported_demos_keep_the_random_weights_note(dsv4_cli, tmp_path):
+def test_converted_and_exported_demos_keep_the_demo_note(dsv4_cli, tmp_path):
     made = []
     if importlib.util.find_spec("mlx") is not None:
         assert dsv4_cli("convert", "demo", tmp_path / "mlx").exit_code == 0

@@ -143,9 +143,9 @@ def test_memory_refusal_and_force(dsv4_cli, model_args):
 
 
 def test_default_model_is_the_demo_with_its_notice(dsv4_cli):
-    """No --model: the demo checkpoint (real V4 tokenizer, random weights), announced on one stderr line."""
+    """No --model: the shipped demo checkpoint (real V4 tokenizer), announced on one stderr line."""
     out = dsv4_cli("generate", "Hello", "-n", 2, "--context", 64, "--json")
     assert out.exit_code == 0, out.output
-    assert out.stderr.splitlines()[0].startswith("note: the demo model has random weights")
+    assert out.stderr.splitlines()[0].startswith("note: the demo model is a tiny DeepSeek V4 trained on")
     data = json_out(out)
-    assert data["model"].endswith("demo-s0-v1") and data["usage"]["prompt_tokens"] >= 4
+    assert "/demo-" in data["model"] and data["usage"]["prompt_tokens"] >= 4

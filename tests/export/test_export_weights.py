@@ -1,4 +1,5 @@
-"""An export's weight data is what `backends.catalog` declares for onnx (the memory estimate's source)."""
+"""A dense export's weight data is what `backends.catalog` declares for onnx (the memory estimate's source);
+the quantized export's is the checkpoint's bytes (test_onnx_quantized)."""
 
 import json
 

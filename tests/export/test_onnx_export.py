@@ -94,7 +94,9 @@ def test_weights_are_external_and_the_graph_file_small(tiny_dir, onnx_export):
 def test_manifest_config_and_tokenizer(tiny_dir, onnx_export):
     out = onnx_export(tiny_dir, CONTEXT)
     man = json.loads((out / "manifest.json").read_text())
-    assert man["format"] == "dsv4-onnx" and man["dtype"] == "float32" and man["max_len"] == CONTEXT
+    assert man["format"] == "dsv4-onnx" and man["version"] == 3 and man["max_len"] == CONTEXT
+    assert man["dtype"] == "float32" and man["weights"] == "quantized" and man["source"] == str(tiny_dir.resolve())
+    assert {"linears", "experts", "float", "compute"} <= set(man["quantization"])
     assert man["data"]["bytes"] == (out / "model.onnx.data").stat().st_size
     assert json.loads((out / "config.json").read_text()) == man["config"]
     assert man["config"]["max_position_embeddings"] == CONTEXT
@@ -102,6 +104,7 @@ def test_manifest_config_and_tokenizer(tiny_dir, onnx_export):
     assert man["capacity"] == {"min": 128, "multiple": 128}
     state = {e["name"]: e for e in man["graphs"]["main"]["state"]}
     assert state["start"]["output"] == "present.start" and state["start"]["grows"] == 0
+    assert all(e["fill"] == 0 for e in state.values())
     assert state["L1.entries"]["grows"] == state["L1.index.keys"]["grows"] == 4
     assert state["L2.entries"]["grows"] == 128 and state["L1.kv"]["grows"] == 0
     assert state["L1.kv"]["rows"] == "present.L1.kv.rows" and state["L1.kv"]["index"] == "present.L1.kv.index"
@@ -109,7 +112,7 @@ def test_manifest_config_and_tokenizer(tiny_dir, onnx_export):
 
 def test_size_estimate_and_progress(tiny_dir, tmp_path):
     seen = []
-    out = export_onnx(tiny_dir, tmp_path / "o", dtype="bfloat16", context=64, mtp=False,
+    out = export_onnx(tiny_dir, tmp_path / "o", weights="bfloat16", context=64, mtp=False,
                       progress=lambda done, total: seen.append((done, total)))
     data = (out / "model.onnx.data").stat().st_size
     est = estimate_size(tiny_dir, "bfloat16", mtp=False)
@@ -128,7 +131,7 @@ def test_half_precision_exports(tiny_dir, onnx_export, rand_ids, dtype):
     out = onnx_export(tiny_dir, CONTEXT, dtype)
     inits = {t.name: t.data_type for t in _graph(out / "model.onnx").graph.initializer}
     want = onnx.TensorProto.BFLOAT16 if dtype == "bfloat16" else onnx.TensorProto.FLOAT16
-    assert inits["layers.0.ffn.experts.0.w1.weight.T"] == want
+    assert inits["layers.0.ffn.experts.w1"] == want and inits["layers.0.attn.wq_a.weight.T"] == want
     assert inits["layers.0.hc_attn_fn"] == onnx.TensorProto.FLOAT
     ids = rand_ids(120, seed=11)
     ref = dsv4.load(tiny_dir, backend="reference", dtype="bfloat16", context=CONTEXT).forward(ids)
@@ -143,8 +146,8 @@ def test_refuses_bad_requests(tiny_dir, tmp_path):
     (tmp_path / "full" / "x").write_text("keep me")
     with pytest.raises(ExportError, match="not empty"):
         export_onnx(tiny_dir, tmp_path / "full", context=64)
-    with pytest.raises(ExportError, match="dtype must be one of"):
-        export_onnx(tiny_dir, tmp_path / "a", dtype="int8", context=64)
+    with pytest.raises(ExportError, match="weights must be one of"):
+        export_onnx(tiny_dir, tmp_path / "a", weights="int8", context=64)
     with pytest.raises(ExportError, match="context must be in"):
         export_onnx(tiny_dir, tmp_path / "b", context=10 ** 9)
     shutil.rmtree(tmp_path / "full")

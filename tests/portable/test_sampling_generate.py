@@ -99,3 +99,15 @@ def test_context_limits(tiny_dir):
         generate(model, list(range(3, 44)))
     res = generate(model, list(range(3, 38)), max_tokens=100, stop_ids=[])
     assert len(res.tokens) == 5 and res.finish_reason == "length"
+
+
+def test_generate_batch_raises_a_failed_jobs_error():
+    """A step that fails inside the engine reaches the caller of generate_batch as its exception, not as
+    an empty result marked "length"."""
+    m = dsv4.load("tiny")
+
+    def broken(state, ids, *a, **kw):
+        raise RuntimeError("step failed on purpose")
+    m.runner.step = broken
+    with pytest.raises(RuntimeError, match="on purpose"):
+        m.generate_batch([[0, 5, 6], [0, 7]], max_tokens=3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dsv4
-from dsv4.portable import quant
+from dsv4.portable import cache, quant
 from dsv4.portable.cache import capacity_for, state_bytes
 from dsv4.portable.reference import NumpyOps
 
@@ -182,3 +182,16 @@ def test_codecs_round_trip_to_the_emulation_roundings():
 def test_an_unknown_state_format_is_refused_at_load(tiny_dir):
     with pytest.raises(ValueError, match="unknown state format 'fp3'; use 'bf16' or 'deploy'"):
         dsv4.load(tiny_dir, context=64, state_format="fp3")
+
+
+def test_deploy_format_only_where_its_blocks_tile_the_entries():
+    """The demo's 32 nope dims are below the deploy format's 64-wide FP8 block: its bfloat16 runs default
+    to entries as computed, and asking for "deploy" is one clear error, not a crash inside a step."""
+    from dsv4.portable.config import preset
+    from dsv4.portable.runtime import default_state_format
+    demo, tiny = preset("demo"), preset("tiny")
+    assert not cache.deploy_fits(demo) and cache.deploy_fits(tiny)
+    assert default_state_format("mlx", "bfloat16", demo) == "bf16"
+    assert default_state_format("mlx", "bfloat16", tiny) == "deploy"
+    with pytest.raises(ValueError, match="do not divide"):
+        cache.check_format("deploy", demo)

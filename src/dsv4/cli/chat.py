@@ -22,7 +22,7 @@ from ..portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent
 from ..portable.runtime import ContextError
 from . import options as opt
 from .console import console
-from .resolve import load_model
+from .resolve import DEMO_CHAT, is_demo, load_model
 from .session import MODES, ChatSession, Interrupt, stats_line
 
 SAVE_FORMAT = "dsv4-chat"
@@ -145,8 +145,8 @@ class Repl:
         printer.finish()
         s = self.session
         tag = "[interrupted] " if res.finish_reason == "interrupted" else ""
-        self.console.print(tag + stats_line(res, s.model, s.context_used), style="yellow" if tag else "dim",
-                           markup=False, soft_wrap=True)
+        self.console.print(tag + stats_line(res, s.model, s.context_used, s.draft_tokens is not None),
+                           style="yellow" if tag else "dim", markup=False, soft_wrap=True)
 
     def error(self, message: str) -> None:
         self.console.print(f"error: {message}", style="red", markup=False)
@@ -235,11 +235,12 @@ class Repl:
 
 
 def chat(model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtype = "auto",
-         context: opt.Context = None, force: opt.Force = False, system: opt.System = None,
+         context: opt.Context = None, force: opt.Force = False, parallel: opt.Parallel = None,
+         system: opt.System = None,
          mode: opt.Mode = "chat", max_tokens: opt.MaxTokens = 512, temperature: opt.Temperature = 0.6,
          top_p: opt.TopP = 0.95, top_k: opt.TopK = 0, min_p: opt.MinP = 0.0,
          repetition_penalty: opt.RepetitionPenalty = 1.0, seed: opt.Seed = None,
-         hide_thinking: opt.HideThinking = False,
+         hide_thinking: opt.HideThinking = False, draft_tokens: opt.DraftTokens = None,
          prompt_cache: Annotated[Optional[str], typer.Option(
              "--prompt-cache", help="Also keep prompt states in this directory, so a later chat resumes "
                                     "them (default: in memory only).")] = None,
@@ -249,7 +250,12 @@ def chat(model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtyp
     opt.check_positive("--max-tokens", max_tokens)
     opt.check_mode(mode)
     opt.check_above_zero("--prompt-cache-gb", prompt_cache_gb)
-    m = load_model(model, backend, dtype, context, force)
+    opt.check_draft_tokens(draft_tokens)
+    m = load_model(model, backend, dtype, context, force, parallel=parallel)
+    opt.check_draft_tokens(draft_tokens, m)
     session = ChatSession(m, mode=mode, system=system, sampling=sampling, max_tokens=max_tokens,
-                          prompt_store=opt.prompt_store(m, prompt_cache, prompt_cache_gb))
+                          prompt_store=opt.prompt_store(m, prompt_cache, prompt_cache_gb),
+                          draft_tokens=draft_tokens)
+    if is_demo(m.config):
+        console().print(DEMO_CHAT, style="dim", markup=False, soft_wrap=True)
     Repl(session, console(), show_thinking=not hide_thinking).run()

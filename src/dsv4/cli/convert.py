@@ -90,7 +90,10 @@ def export(
     fmt: Annotated[str, typer.Argument(metavar="FORMAT", help=f"Export format: {'|'.join(EXPORT_FORMATS)}.")],
     model: Annotated[str, typer.Argument(help="Source checkpoint directory, or demo|tiny.")],
     out: Annotated[Path, typer.Argument(help="Output directory.")],
-    dtype: Annotated[str, typer.Option("--dtype", help="Weight and compute dtype of the export.")] = "float32",
+    weights: Annotated[str, typer.Option("--weights", help=(
+        "quantized: the checkpoint's FP8/FP4 bytes, decoded in the graph (its size; float32 compute). "
+        "float32|float16|bfloat16: dense weights in that dtype (2-8x larger; half-precision ones also "
+        "round activations)."))] = "quantized",
     context: Annotated[Optional[int], typer.Option("--context", "-c", help="State capacity in tokens.")] = None,
     no_mtp: Annotated[bool, typer.Option("--no-mtp", help="Leave out the MTP block.")] = False,
 ):
@@ -104,5 +107,7 @@ def export(
     check_out_dir(out)
     err = console(stderr=True)
     with tool_errors(), progress_bar(f"exporting {src.name} to {fmt}", err) as progress:
-        done = tool.export_onnx(src, out, dtype=dtype, context=context, mtp=not no_mtp, progress=progress)
-    err.print(f"wrote {done}; run it with: dsv4 chat --model {done} --backend onnx", markup=False)
+        done = tool.export_onnx(src, out, weights=weights, context=context, mtp=not no_mtp, progress=progress)
+    size = (done / "model.onnx.data").stat().st_size
+    err.print(f"wrote {done} ({weights} weights, {size / 2 ** 30:.2f} GiB); run it with: dsv4 chat --model {done} "
+              f"--backend onnx", markup=False)

@@ -35,11 +35,11 @@ def read_prompt(prompt: str | None) -> str:
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' or nothing reads it from stdin.")] = None,
     model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtype = "auto",
-    context: opt.Context = None, force: opt.Force = False,
+    context: opt.Context = None, force: opt.Force = False, parallel: opt.Parallel = None,
     system: opt.System = None, mode: opt.Mode = "chat", max_tokens: opt.MaxTokens = 256,
     temperature: opt.Temperature = 0.0, top_p: opt.TopP = 1.0, top_k: opt.TopK = 0, min_p: opt.MinP = 0.0,
     repetition_penalty: opt.RepetitionPenalty = 1.0, seed: opt.Seed = None, stop: opt.Stop = None,
-    hide_thinking: opt.HideThinking = False,
+    hide_thinking: opt.HideThinking = False, draft_tokens: opt.DraftTokens = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (reasoning, content, "
                                                           "tool calls, usage) instead of streaming.")] = False,
 ):
@@ -48,8 +48,11 @@ def generate(
     opt.check_positive("--max-tokens", max_tokens)
     opt.check_mode(mode)
     text = read_prompt(prompt)
-    m = load_model(model, backend, dtype, context, force)
-    session = ChatSession(m, mode=mode, system=system, sampling=sampling, max_tokens=max_tokens, stop=stop or ())
+    opt.check_draft_tokens(draft_tokens)
+    m = load_model(model, backend, dtype, context, force, parallel=parallel)
+    opt.check_draft_tokens(draft_tokens, m)
+    session = ChatSession(m, mode=mode, system=system, sampling=sampling, max_tokens=max_tokens, stop=stop or (),
+                          draft_tokens=draft_tokens)
     err = console(stderr=True)
     state = {"in_reasoning": False}
 
@@ -84,6 +87,7 @@ def generate(
         if state["in_reasoning"]:
             err.print()
         sys.stdout.write("\n")
-        err.print(stats_line(res, m, session.context_used), style="dim", markup=False, soft_wrap=True)
+        err.print(stats_line(res, m, session.context_used, drafts=draft_tokens is not None), style="dim",
+                  markup=False, soft_wrap=True)
     if res.finish_reason == "interrupted":
         raise typer.Exit(EXIT_INTERRUPTED)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -121,7 +121,24 @@ def weights(path: Path, cfg: ModelConfig, layout: str | None,
     return ckpt.specs(), problems, CheckpointError.listing(path, problems) if problems else None
 
 
-def collect(model: str | None, context: int | None, check: bool = False) -> tuple[dict, Exception | None]:
+def parallel_plan(cfg: ModelConfig, world: int, ctx: int) -> dict:
+    """Per-rank memory and per-token communication of a `--parallel world` run (`portable.sharding`):
+    stored weight bytes a rank reads (its parts + the replicated tensors), the state every rank holds
+    whole at `ctx` tokens, and the collectives of one decode token at that context."""
+    from ..portable.sharding import ShardingError, collectives_per_token, memory_plan
+    try:
+        plan = memory_plan(cfg, world)
+    except ShardingError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    comm = collectives_per_token(cfg, world, entries=ctx // 4)       # the indexer scores every CSA entry
+
+    return {"ranks": world, "split_bytes": plan.split, "replicated_bytes": plan.replicated,
+            "per_rank_bytes": plan.per_rank, "single_process_bytes": plan.total,
+            "state_bytes_per_rank": state_bytes(cfg, ctx, "deploy"), "per_token": comm}
+
+
+def collect(model: str | None, context: int | None, check: bool = False,
+            parallel: int | None = None) -> tuple[dict, Exception | None]:
     """Everything `info` shows, as plain data (also the --json output), and the error its problems make
     (None: the model is usable)."""
     path, cfg, name = source(model)
@@ -142,7 +159,7 @@ def collect(model: str | None, context: int | None, check: bool = False) -> tupl
         memory.append({"backend": b, "installed": installed, "usable": usable, "dtype": dt,
                        "weights": est.weights, "state": est.state, "work": est.work, "total": est.total,
                        "fits": None if avail is None else est.total <= avail})
-    return {
+    data = {
         "model": name,
         "format": fmt_backend or "official",
         "config": {k: getattr(cfg, k) for k in (
@@ -158,7 +175,10 @@ def collect(model: str | None, context: int | None, check: bool = False) -> tupl
         "state_bytes_per_token": {"bf16": bytes_per_token(cfg, "bf16"), "deploy": bytes_per_token(cfg, "deploy")},
         "memory": memory,
         "problems": problems,
-    }, error
+    }
+    if parallel is not None:
+        data["parallel"] = parallel_plan(cfg, parallel, ctx)
+    return data, error
 
 
 def _count(n: int) -> str:
@@ -216,6 +236,25 @@ def render(data: dict, console: Console) -> None:
         t.add_row(name, r["dtype"], human_bytes(r["weights"]), human_bytes(r["state"]), human_bytes(r["work"]),
                   human_bytes(r["total"]), fits)
     console.print(t)
+    if "parallel" in data:
+        render_parallel(data["parallel"], ctx, console)
+
+
+def render_parallel(p: dict, ctx: int, console: Console) -> None:
+    n, c = p["ranks"], p["per_token"]
+    t = Table(title=f"per-rank plan for --parallel {n} (stored weight bytes, before loading)",
+              show_header=False, title_justify="left")
+    t.add_column(style="cyan")
+    t.add_column(justify="right")
+    t.add_row("weights split across ranks (this rank's part)", human_bytes(p["split_bytes"]))
+    t.add_row("weights every rank holds whole", human_bytes(p["replicated_bytes"]))
+    t.add_row("weights per rank", human_bytes(p["per_rank_bytes"]))
+    t.add_row("weights in one process", human_bytes(p["single_process_bytes"]))
+    t.add_row(f"state per rank at {ctx} tokens (deploy format, replicated)", human_bytes(p["state_bytes_per_rank"]))
+    t.add_row("collectives per decode token", str(c["collectives"]))
+    t.add_row("values all-reduced / all-gathered per token", f"{c['all_reduce_values']:,} / {c['all_gather_values']:,}")
+    t.add_row("bytes sent per token per rank (ring, float32)", human_bytes(c["bytes_sent"]))
+    console.print(t)
 
 
 def render_problems(problems: list[str], console: Console) -> None:
@@ -233,12 +272,16 @@ Check = Annotated[bool, typer.Option("--check", help="Also scan every weight for
 
 
 def info(model: opt.Model = None, context: opt.Context = None, check: Check = False,
+         parallel: Annotated[Optional[int], typer.Option(
+             "--parallel", help="Also print the per-rank memory plan of an N-rank run.")] = None,
          json_out: Annotated[bool, typer.Option("--json", help="Print the same data as one JSON object.")] = False):
     """Configuration, layer kinds, parameter counts, weight and state bytes, memory per backend; what is
     wrong with the checkpoint, if anything (exit 3)."""
     if context is not None and context < 1:
         raise CliError(f"--context must be ≥ 1, got {context}", EXIT_USAGE)
-    data, error = collect(model, context, check)
+    if parallel is not None and parallel < 1:
+        raise CliError(f"--parallel must be at least 1, got {parallel}", EXIT_USAGE)
+    data, error = collect(model, context, check, parallel)
     if json_out:
         sys.stdout.write(json.dumps(data) + "\n")
     else:

@@ -18,6 +18,7 @@ from .errors import EXIT_CODES_HELP, OneLineErrors
 from .generate import generate
 from .info import info
 from .options import Command, FlagHelp
+from .parallel import follow_if_launched
 from .parity import parity
 from .serve_command import serve
 
@@ -43,6 +44,7 @@ def show_version(value: bool) -> None:
 def main(version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
                                                help="Print the version and exit.")] = False):
     """Options of `dsv4` itself (the subcommands have their own)."""
+    follow_if_launched()          # under torchrun / mlx.launch, ranks other than 0 follow rank 0
 
 
 for command in (chat, generate, info, parity, bench, convert, export, serve):

@@ -24,6 +24,9 @@ Context = Annotated[Optional[int], typer.Option(
     "--context", "-c", help="Longest sequence in tokens (a limit: the state grows with the text). "
                               "Default: 4096 or the model's maximum.")]
 Force = Annotated[bool, typer.Option("--force", help="Load even if the memory estimate says it will not fit.")]
+Parallel = Annotated[Optional[int], typer.Option(
+    "--parallel", help="Split the model over N local ranks (tensor + expert parallel; cuda/torch or mlx "
+                       "backend). Under torchrun or mlx.launch the ranks come from the launcher.")]
 Mode = Annotated[str, typer.Option("--mode", help="chat (no reasoning), thinking (high effort) or max.")]
 System = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate per answer.")]
@@ -35,6 +38,11 @@ RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", help="
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text is generated (repeatable).")]
 HideThinking = Annotated[bool, typer.Option("--hide-thinking", help="Do not print the reasoning.")]
+DraftTokens = Annotated[Optional[int], typer.Option(
+    "--draft-tokens", help="Tokens the MTP block drafts per decode step (speculative decoding, same output; "
+                           "0 = off). Default: 2 when the model has an MTP layer and its output head is a small "
+                           "part of its weights (dropped for an answer whose drafts are mostly rejected), "
+                           "else 0.")]
 PromptCacheGB = Annotated[float, typer.Option(
     "--prompt-cache-gb", help="Size bound of the prompt cache directory in GB (least recently used states "
                               "are deleted).")]
@@ -70,6 +78,17 @@ def sampling_params(temperature: float, top_p: float, top_k: int, min_p: float, 
     except ValueError as e:
         name, _, why = str(e).partition(" ")
         raise CliError(f"{_FLAG.get(name, name)} {why}", EXIT_USAGE) from None
+
+
+def check_draft_tokens(value: int | None, model=None, flag: str = "--draft-tokens") -> int | None:
+    """None (the model's default) or what `speculative.check_draft_tokens` accepts, as a usage error."""
+    from ..portable.speculative import check_draft_tokens as check
+    if value is None:
+        return None
+    try:
+        return check(value, model, flag)
+    except ValueError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
 
 
 def check_positive(flag: str, value: int) -> int:

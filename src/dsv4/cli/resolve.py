@@ -4,8 +4,9 @@ server).
 Steps, each with a one-line error when it cannot proceed:
 1. `model_dir`: a model directory (official layout, a backend's converted directory, or an ONNX export,
    told apart by `portable.layout`), a Hugging Face repo id (`portable.hub`: the HF cache, else a
-   download), or a synthetic preset built once into the user cache (`demo`: the V4 architecture at tiny
-   sizes with the real tokenizer; `tiny`/`tiny2`: the test checkpoints) with a progress bar.
+   download), or a built-in preset put once into the user cache (`demo`: the shipped tiny V4 trained on
+   arithmetic, unpacked; `demo-random`: the V4 architecture at tiny sizes with the real tokenizer and
+   random weights; `tiny`/`tiny2`: the test checkpoints; the random ones built with a progress bar).
 2. `pick_backend`: `auto` follows the directory (converted for MLX → mlx, an ONNX export → onnx), then
    the hardware (MLX on Apple silicon, CUDA when a GPU is visible), then the fastest installed CPU
    backend.  On this project's CPU runs the NumPy reference decodes the tiny/demo models fastest
@@ -41,8 +42,13 @@ DEFAULT_CONTEXT = 4096
 BACKEND_CHOICES = ("auto", *backend_names())
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 CPU_PREFERENCE = ("reference", "mlx")          # never cuda: torch on the CPU is the slowest here
-DEMO_NOTICE = ("note: the demo model has random weights (the V4 architecture at tiny sizes with the real "
-               "tokenizer), so its text is gibberish; pass --model DIR for a real checkpoint")
+DEMO_NOTICE = ("note: the demo model is a tiny DeepSeek V4 trained on integer arithmetic only (try \"What is "
+               "37 + 45?\"); pass --model DIR for a real checkpoint")
+RANDOM_DEMO_NOTICE = ("note: the demo-random model has random weights (the V4 architecture at tiny sizes with the "
+                      "real tokenizer), so its text is gibberish; pass --model DIR for a real checkpoint")
+DEMO_CHAT = ("the demo answers A + B and A - B for A, B up to 99 and A times B up to 12, in several phrasings "
+             "(What is 37 + 45? / Compute 12-30. / 7 times 8?); /mode thinking shows its worked reasoning, and "
+             "`dsv4 serve` lets it call a calculator tool")
 _ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2}
 
 
@@ -69,11 +75,16 @@ def model_dir(spec: str | None) -> Path:
     return path
 
 
-def is_demo(cfg: ModelConfig) -> bool:
-    """The demo's architecture at the demo's sizes: the demo itself, or a conversion or export of it (which
-    keeps its random weights; an export may lower max_position_embeddings).  No real checkpoint has them."""
-    demo = preset("demo")
+def is_demo(cfg: ModelConfig, name: str = "demo") -> bool:
+    """The config of preset `name` (the trained demo, or demo-random): the model itself, or a conversion or
+    export of it (an export may lower max_position_embeddings).  No real checkpoint has these sizes."""
+    demo = preset(name)
     return replace(cfg, max_position_embeddings=demo.max_position_embeddings) == demo
+
+
+def demo_notice(cfg: ModelConfig) -> str | None:
+    """The stderr note for a demo model (what it can do, or that its weights are random); None otherwise."""
+    return DEMO_NOTICE if is_demo(cfg) else RANDOM_DEMO_NOTICE if is_demo(cfg, "demo-random") else None
 
 
 def build_synthetic(name: str) -> Path:
@@ -181,7 +192,7 @@ def estimate_memory(cfg: ModelConfig, path: Path | None, backend: str, dtype: st
     else:
         weights = held_bytes(cfg, holding, dtype)
     work = prefill_chunk * (cfg.vocab_size + 32 * cfg.hidden_size * cfg.hc_mult) * 4 + (300 << 20)
-    fmt = default_state_format(backend, dtype)
+    fmt = default_state_format(backend, dtype, cfg)
     return MemoryEstimate(weights, state_buffer_bytes(cfg, context, dtype, fmt), work)
 
 
@@ -244,21 +255,39 @@ def resolve_context(cfg: ModelConfig, context: int | None) -> int:
 
 
 def load_model(model: str | None, backend: str = "auto", dtype: str = "auto", context: int | None = None,
-               force: bool = False, quiet: bool = False):
+               force: bool = False, quiet: bool = False, parallel: int | None = None):
     """Resolve, check memory and load; prints the demo notice (unless `quiet`) and, while a backend reads
-    its weights into its own memory, a progress bar on stderr."""
+    its weights into its own memory, a progress bar on stderr.  `parallel` N > 1 (or a launcher's ranks)
+    loads this process as rank 0 of N (`cli.parallel`)."""
     import dsv4
+    from .parallel import launched_world, load_parallel
     path = model_dir(model)
     cfg = model_config(path)
     name = pick_backend(backend, path)
     dt = pick_dtype(dtype, name)
     ctx = resolve_context(cfg, context)
-    check_memory(estimate_memory(cfg, path, name, dt, ctx), name, force)
+    if parallel is not None and parallel < 1:
+        raise CliError(f"--parallel must be at least 1, got {parallel}", EXIT_USAGE)
+    launched = launched_world()
+    world = launched[1] if launched else (parallel or 1)
+    est = estimate_memory(cfg, path, name, dt, ctx)
+    if world > 1:
+        from ..portable.sharding import ShardingError, memory_plan
+        try:
+            plan = memory_plan(cfg, world)
+        except ShardingError as e:
+            raise CliError(str(e), EXIT_USAGE) from None
+        ranks_here = 1 if launched else world             # local ranks share this machine's memory
+        est = MemoryEstimate(int(est.weights * plan.per_rank / plan.total) * ranks_here,
+                             est.state * ranks_here, est.work * ranks_here)
+    check_memory(est, name, force)
     err = console(stderr=True)
-    if is_demo(cfg) and not quiet:
-        err.print(DEMO_NOTICE, style="yellow", soft_wrap=True)
+    if demo_notice(cfg) and not quiet:
+        err.print(demo_notice(cfg), style="yellow", soft_wrap=True)
     with progress_bar(f"loading {path.name} on {name} ({dt})", err, transient=True) as progress:
         try:
+            if world > 1:
+                return load_parallel(path, name, dt, ctx, parallel, progress)
             return dsv4.load(path, backend=name, dtype=dt, context=ctx, progress=progress)
         except ValueError as e:               # also a dtype the backend lacks, an unreadable converted dir…
             raise as_cli_error(e) or CliError(str(e).splitlines()[0], EXIT_USAGE) from None

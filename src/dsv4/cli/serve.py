@@ -17,7 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from .errors import EXIT_USAGE, CliError
-from .options import prompt_store
+from .options import check_draft_tokens, prompt_store
 from .resolve import DEFAULT_MODEL, load_model
 from .server import build_app
 from .server.connection import uvicorn_config
@@ -48,7 +48,8 @@ def serve(model: str | None = None, backend: str = "auto", host: str = "127.0.0.
           served_model_name: str | None = None, dtype: str = "auto", prefill_chunk: int = 256,
           cache_size: int = 8, force: bool = False, log_level: str = "info", max_body_mb: float | None = None,
           read_timeout: float = 20.0, allowed_hosts: tuple | None = None, default_mode: str = "chat",
-          allowed_origins: tuple = (), prompt_cache_dir: str | None = None, prompt_cache_gb: float = 8.0) -> None:
+          allowed_origins: tuple = (), prompt_cache_dir: str | None = None, prompt_cache_gb: float = 8.0,
+          parallel: int | None = None, draft_tokens: int | None = None) -> None:
     """Blocking: serve `model` (a checkpoint directory or a preset name; default demo) until interrupted.
 
     Clients address the model as `served_model_name` (default: the directory or preset name).  Request
@@ -61,7 +62,8 @@ def serve(model: str | None = None, backend: str = "auto", host: str = "127.0.0.
     sock = listen_socket(host, port)
     try:
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        loaded = load_model(model, backend=backend, dtype=dtype, context=context, force=force)
+        loaded = load_model(model, backend=backend, dtype=dtype, context=context, force=force, parallel=parallel)
+        check_draft_tokens(draft_tokens, loaded)
         store = prompt_store(loaded, prompt_cache_dir, prompt_cache_gb)
         name = served_model_name or Path(str(model or DEFAULT_MODEL)).expanduser().name
         app = build_app(loaded, model_name=name, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
@@ -69,7 +71,7 @@ def serve(model: str | None = None, backend: str = "auto", host: str = "127.0.0.
                         max_body=None if max_body_mb is None else round(max_body_mb * 1_000_000),
                         read_timeout=read_timeout,
                         allowed_hosts=allowed_hosts or hosts_for_bind(host), default_mode=default_mode,
-                        allowed_origins=allowed_origins, prompt_store=store)
+                        allowed_origins=allowed_origins, prompt_store=store, draft_tokens=draft_tokens)
         shown = f"[{host}]" if ":" in host else host
         log.info("listening on http://%s:%d (Ctrl-C stops)", shown, port)   # uvicorn logs it only for its own socket
         uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, access_log=False)).run(sockets=[sock])

@@ -31,7 +31,7 @@ def _comma_list(value: str | None, flag: str, what: str) -> tuple | None:
 
 def serve(
     model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtype = "auto",
-    context: opt.Context = None, force: opt.Force = False,
+    context: opt.Context = None, force: opt.Force = False, parallel: opt.Parallel = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DSV4_API_KEY",
@@ -57,7 +57,7 @@ def serve(
     prompt_cache_dir: Annotated[Optional[str], typer.Option(
         "--prompt-cache-dir", help="Also keep prompt states in this directory, so they survive a restart "
                                    "(default: in memory only).")] = None,
-    prompt_cache_gb: opt.PromptCacheGB = 8.0,
+    prompt_cache_gb: opt.PromptCacheGB = 8.0, draft_tokens: opt.DraftTokens = None,
 ):
     """Serve the model over HTTP (OpenAI- and Anthropic-compatible APIs)."""
     if not 0 < port < 65536:
@@ -71,6 +71,7 @@ def serve(
     hosts = _comma_list(allowed_hosts, "--allowed-hosts", "name")
     origins = _comma_list(allowed_origins, "--allowed-origins", "origin") or ()
     opt.check_mode(default_mode, "--default-mode")
+    opt.check_draft_tokens(draft_tokens)
     if log_level not in LOG_LEVELS:
         raise CliError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}", EXIT_USAGE)
     try:
@@ -79,7 +80,8 @@ def serve(
         raise CliError(f"the server needs the serve extra ({e.name or e} is missing): "
                        f"{install_command('serve')}", EXIT_BACKEND) from None
     server.serve(model=model, backend=backend, host=host, port=port, api_key=api_key, max_queue=max_queue,
-                 context=context, dtype=dtype, force=force, max_batch=max_batch,
+                 context=context, dtype=dtype, force=force, parallel=parallel, max_batch=max_batch,
                  served_model_name=served_model_name, log_level=log_level, max_body_mb=max_body_mb,
                  read_timeout=read_timeout, allowed_hosts=hosts, default_mode=default_mode,
-                 allowed_origins=origins, prompt_cache_dir=prompt_cache_dir, prompt_cache_gb=prompt_cache_gb)
+                 allowed_origins=origins, prompt_cache_dir=prompt_cache_dir, prompt_cache_gb=prompt_cache_gb,
+                 draft_tokens=draft_tokens)

@@ -74,8 +74,11 @@ class TurnResult(Usage):
     warnings: list = field(default_factory=list)
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "cached_tokens": self.cached_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens}
+        out = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+               "cached_tokens": self.cached_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens}
+        if self.drafted:
+            out.update(drafted_tokens=self.drafted, accepted_tokens=self.accepted)
+        return out
 
     def timings(self) -> dict:
         rate = self.decode_tok_s
@@ -94,12 +97,15 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def stats_line(res: TurnResult, model, context_used: int) -> str:
+def stats_line(res: TurnResult, model, context_used: int, drafts: bool = False) -> str:
     """`12 tokens · 30.5 tok/s · prompt 40 tokens, 24 cached, in 0.31 s (51.6 tok/s) · peak RSS 410.2 MiB
-    · context 52/4096 · length · reference/float32` (no decode rate below two tokens)."""
+    · context 52/4096 · length · reference/float32` (no decode rate below two tokens); with `drafts`
+    (the user chose --draft-tokens), `· 7/12 drafts accepted` after the rate."""
     answer = [count(res.completion_tokens, "token")]
     if res.decode_tok_s is not None:
         answer.append(f"{res.decode_tok_s:.1f} tok/s")
+    if drafts and res.drafted:                          # asked for with --draft-tokens
+        answer.append(f"{res.accepted}/{res.drafted} drafts accepted")
     cached = f", {res.cached_tokens} cached," if res.cached_tokens else ""
     warm = f"; {FIRST_PREFILL}" if res.first_prefill else ""
     prompt = (f"prompt {count(res.prompt_tokens, 'token')}{cached} in {res.prefill_s:.2f} s "
@@ -128,9 +134,11 @@ class ChatSession:
     """Conversation state (system prompt, messages, mode) plus the model's cached prefix states."""
 
     def __init__(self, model, mode: str = "chat", system: str | None = None, sampling: SamplingParams | None = None,
-                 max_tokens: int = 512, stop=(), prefill_chunk: int = 256, prompt_store=None):
+                 max_tokens: int = 512, stop=(), prefill_chunk: int = 256, prompt_store=None,
+                 draft_tokens: int | None = None):
         """`prompt_store`: a `portable.prompt_store.StateStore`, the prompt cache's tier on disk, which
-        keeps snapshots across sessions (`dsv4 chat --prompt-cache`)."""
+        keeps snapshots across sessions (`dsv4 chat --prompt-cache`); `draft_tokens`: MTP drafts per
+        decode step (`portable.speculative`; None: the model's default)."""
         self.model = model
         self.tokenizer = model.tokenizer
         self.set_mode(mode)
@@ -139,6 +147,7 @@ class ChatSession:
         self.max_tokens = max_tokens
         self.stop = list(stop)
         self.prefill_chunk = prefill_chunk
+        self.draft_tokens = draft_tokens
         self.messages: list[dict] = []
         self.prompt_store = prompt_store
         self.cache = PrefixCache(capacity=4, disk=prompt_store)
@@ -205,7 +214,7 @@ class ChatSession:
         for tok in stream(self.model, ids, max_tokens=self.max_tokens, sampling=self.sampling,
                           stop_ids=[self.tokenizer.eos_id], prefill_chunk=self.prefill_chunk, cache=self.cache,
                           should_stop=lambda: interrupt.requested or text.stop is not None, result=res,
-                          snapshot_at=len(ids) - 1):
+                          snapshot_at=len(ids) - 1, draft_tokens=self.draft_tokens):
             emit(text.push(tok.id))                     # embedding padding past the tokenizer: U+FFFD
         emit(text.finish())
         msg = text.parser.message()
@@ -213,6 +222,7 @@ class ChatSession:
         out.warnings = list(text.parser.warnings)
         out.cached_tokens, out.completion_tokens = res.cached_tokens, len(res.tokens)
         out.prefill_s, out.decode_s = res.prefill_s, res.decode_s
+        out.drafted, out.accepted = res.drafted, res.accepted
         if interrupt.requested:
             out.finish_reason = "interrupted"
         elif text.stop is not None:

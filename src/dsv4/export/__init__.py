@@ -9,10 +9,12 @@ the state capacity stay dynamic because sizes derived from them are tracked as s
 export serves every capacity bucket up to its context.  A step outputs only the state rows it wrote
 (and their row indices), which the runtime writes into its buffers in place.  Weights stream into one
 external-data file (`export.weights`), so models far beyond protobuf's 2 GB limit export in bounded
-memory.
+memory; by default they keep the checkpoint's FP8/FP4 bytes, decoded in the graph, so an export is the
+checkpoint's size and a runtime holds it at that size.
 
-Entry points: `export_onnx(src_dir, out_dir, dtype=..., context=..., mtp=..., progress=...)` and
-`estimate_size(src_dir, dtype, mtp)`; `manifest` is the directory format the ONNX backend reads.
+Entry points: `export_onnx(src_dir, out_dir, weights=..., context=..., mtp=..., progress=...)` and
+`estimate_size(src_dir, weights, mtp)`; `manifest` is the directory format (and the contract) the ONNX
+backend and the examples read.
 """
 
 from .manifest import ExportError

@@ -2,29 +2,34 @@
 
 Why a manifest and not just the graphs' IO: the state buffers carry meaning a graph signature cannot
 (which buffers grow with the capacity and how, which outputs are the new rows of which buffer, which
-capacities the graphs accept), and a plain onnxruntime app (examples/onnx_plain.py) must be able to build,
-grow and update a state from it with nothing but json + numpy.  This module is the one piece of `export`
-the ONNX backend imports.
+capacities the graphs accept), and a plain onnxruntime app (examples/onnx_plain.py with json + numpy,
+examples/onnx_node/generate.mjs with typed arrays) must be able to build, grow and update a state from it
+alone.  This module is the one piece of `export` the ONNX backend imports.
 
-Layout (format "dsv4-onnx", version 2):
-    dtype, opset, max_len          export dtype, ONNX opset, longest sequence (context) in tokens
+Layout (format "dsv4-onnx", version 3; `read_manifest` refuses any other version with the command that
+re-exports the model):
+    dtype, weights, opset, max_len activation dtype (float32 unless a dense half-precision export), weight mode
+                                   (`quantization` describes it), ONNX opset, longest sequence in tokens
+    source                         the checkpoint directory the export was made from (for a re-export)
     capacity                       {min, multiple}: the entry buffers may be sized for any capacity C that is
                                    a multiple of `multiple` and at least `min` (tokens held ≤ C ≤ max_len
                                    rounded up to `multiple`); the graph's shapes follow the buffers fed
     config                         the config.json written next to the model (max_position_embeddings = max_len)
     graphs.main / graphs.mtp       {file, inputs: {ids, streams?}, outputs: {logits, streams?}, state: [...]}
-    state entries                  {name, input, shape, dtype, grows, then output | rows + index}:
+    state entries                  {name, input, shape, dtype, fill, grows, then output | rows + index}:
                                    shape has "batch" first; a buffer with grows = m > 0 has C // m + 1 rows
-                                   (axis 1, dynamic), the others a static shape.  A fresh state is all zeros.
-                                   `output` (only `start`) replaces the buffer; `rows` [batch, M, ...] and
-                                   `index` [batch, M] int64 are the step's new rows, which the caller writes
-                                   in place: buf[b, index[b, i]] = rows[b, i] (the last row is a spill row
-                                   that may be written more than once and is never read).
+                                   (axis 1, dynamic), the others a static shape.  A fresh state holds `fill`
+                                   (0 everywhere).  `output` (only `start`) replaces the buffer; `rows`
+                                   [batch, M, ...] and `index` [batch, M] int64 are the step's new rows, which
+                                   the caller writes in place: buf[b, index[b, i]] = rows[b, i] (the last row
+                                   is a spill row that may be written more than once and is never read).
     data                           {file, bytes}: the shared external-data file and its exact size
     tokenizer                      files copied from the checkpoint
+    quantization                   how the weights are stored and decoded (`quantization`)
 
 Growing a state to a larger capacity keeps rows 0..R−2 of each growing buffer (R its old row count) and
-zero-fills the rest, spill row included.
+fills the rest, spill row included, with `fill`.  A step: feed `ids` (int64 [batch, seq]) and every
+state entry's `input`, read `logits` (float32 [batch, seq, vocab]) and the entries' outputs.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 
 from ..portable.layout import EXPORT_FORMAT as FORMAT, MANIFEST   # how `dsv4.load` recognises an export
 
-VERSION = 2
+VERSION = 3
 
 
 class ExportError(ValueError):
@@ -58,13 +63,30 @@ def state_entries(cfg, specs, batch_label: str = "batch") -> list[dict]:
         if m:
             shape[1] = f"capacity/{m}+1"
         e = {"name": b.name, "input": f"past.{b.name}", "shape": shape,
-             "dtype": "int64" if b.kind == "int" else "float32", "grows": m}
+             "dtype": "int64" if b.kind == "int" else "float32", "fill": 0, "grows": m}
         if b.kind == "int":
             e["output"] = f"present.{b.name}"
         else:
             e["rows"], e["index"] = f"present.{b.name}.rows", f"present.{b.name}.index"
         out.append(e)
     return out
+
+
+def quantization(weights: str) -> dict:
+    """The `quantization` field: how an app finds and decodes the stored weights (the graphs do it)."""
+    if weights != "quantized":
+        return {"weights": weights, "linears": f"dense {weights}, stored [in, out] (name suffix .T)",
+                "experts": f"<layer>.ffn.experts.w1|w2|w3: dense {weights} [E, out, in]"}
+    return {"weights": "quantized",
+            "linears": "FP8: <name>.weight.T float8e4m3fn codes [in, out] (<name>.weight: [out, in]) and "
+                       "<name>.scale uint8 E8M0 [ceil(out/128), ceil(in/128)]; w = e4m3(code) * 2^(scale - 127) per "
+                       "128x128 block, decoded by DequantizeLinear(block_size=128)",
+            "experts": "<layer>.ffn.experts.w1|w2|w3.weight uint8 [E, out, in/2] packed e2m1 (low nibble = even "
+                       "input) and .scale uint8 E8M0 [E, out, in/32]; w = e2m1(nibble) * 2^(scale - 127) per 32 "
+                       "inputs (-Base checkpoints: uint8 e4m3 codes [E, out, in] and float32 128x128 block "
+                       "scales); decoded per selected expert inside the MoE Loop",
+            "float": "BF16 and F32 tensors as stored (BF16 cast to float32 where used); id tables int64",
+            "compute": "float32; the decoded values equal the checkpoint's dequantized weights exactly"}
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -82,8 +104,9 @@ def read_manifest(export_dir) -> dict:
     except json.JSONDecodeError as e:
         raise ExportError(f"{p}: not valid JSON ({e})") from None
     if m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise ExportError(f"{p}: format {m.get('format')!r} version {m.get('version')!r}; this dsv4 reads "
-                          f"{FORMAT!r} version {VERSION} (re-export the model)")
+        src = m.get("source") or "CHECKPOINT_DIR"
+        raise ExportError(f"{d} is a {m.get('format')!r} export of version {m.get('version')!r}; this dsv4 reads "
+                          f"version {VERSION}: re-export it with `dsv4 export onnx {src} NEW_DIR`")
     for key in ("dtype", "max_len", "capacity", "config", "graphs", "data"):
         if key not in m:
             raise ExportError(f"{p}: missing field {key!r} (re-export the model)")

@@ -17,6 +17,11 @@ follows the tokens held, not C.
 `logits` are [batch, seq, vocab] float32.  With MTP, the main graph also returns `hidden_streams` and
 `mtp.onnx` takes them with the next token ids and its own state.  Only standard-domain operators of
 opset 21 are emitted.
+
+Weights (`weights.py`): "quantized" (the default) keeps the checkpoint's FP8/FP4/BF16 bytes and decodes
+them in the graph (exactly: the float32 export's logits, at the checkpoint's size); "float32", "float16"
+or "bfloat16" store dense weights, the half-precision ones also rounding activations like the
+reference's bf16 mode.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ import onnx
 from ..portable import cache, graph
 from ..portable.checkpoint import Checkpoint
 from ..portable.config import ModelConfig
-from .manifest import MANIFEST, ExportError, state_entries, write_manifest
+from .manifest import MANIFEST, ExportError, quantization, state_entries, write_manifest
 from .onnx_ops import OnnxOps, RowWrite
 from .symbolic import FLOAT, INT64, Graph, Sym, TraceError
-from .weights import STORAGE, ExportWeights, ExternalData, TensorSource
+from .weights import WEIGHTS, ExportWeights, ExternalData, TensorSource
 
 OPSET = 21
 DATA_FILE = "model.onnx.data"
@@ -52,10 +57,15 @@ def _capacity(g: Graph, cfg: ModelConfig, entries: list):
     return blocks * CAPACITY_MULTIPLE
 
 
-def _record(cfg: ModelConfig, data: ExternalData, dtype: str, mtp: bool, streams_out: bool):
+def compute_dtype(weights: str) -> str:
+    """The activation dtype of an export: float32 unless the weights are a dense half-precision dtype."""
+    return "float32" if weights == "quantized" else weights
+
+
+def _record(cfg: ModelConfig, data: ExternalData, weights: str, mtp: bool, streams_out: bool):
     """Record the main forward (mtp=False) or the MTP block; returns (ModelProto, IO description)."""
     g = Graph("dsv4_mtp" if mtp else "dsv4_main")
-    o, W = OnnxOps(g, dtype), ExportWeights(g, data)
+    o, W = OnnxOps(g, compute_dtype(weights)), ExportWeights(g, data)
     hc, dim = cfg.hc_mult, cfg.hidden_size
     g.add_input("input_ids", INT64, ["batch", "seq"])
     ids = Sym(g, "input_ids", (), INT64)
@@ -73,7 +83,10 @@ def _record(cfg: ModelConfig, data: ExternalData, dtype: str, mtp: bool, streams
     if mtp:
         g.add_input("hidden_streams", FLOAT, ["batch", "seq", hc, dim])
         io["inputs"]["streams"] = "hidden_streams"
-        logits = graph.mtp_forward(o, W, cfg, state, Sym(g, "hidden_streams", (b, s, hc, dim), FLOAT), ids)
+        logits, streams = graph.mtp_forward(o, W, cfg, state, Sym(g, "hidden_streams", (b, s, hc, dim), FLOAT),
+                                            ids, with_streams=True)
+        g.add_output("output_streams", streams, ["batch", "seq", hc, dim])      # to chain drafts on
+        io["outputs"]["streams"] = "output_streams"
     else:
         logits, streams = graph.forward(o, W, cfg, state, ids)
     g.add_output("logits", logits, ["batch", "seq", cfg.vocab_size])
@@ -94,27 +107,29 @@ def _record(cfg: ModelConfig, data: ExternalData, dtype: str, mtp: bool, streams
     return g.model(OPSET), io
 
 
-def _used_names(src: TensorSource, mtp: bool) -> list[str]:
-    return sorted(n for n in src.names() if mtp or not n.startswith("mtp."))
+def _total(src: TensorSource, mtp: bool) -> int:
+    return sum(src.entry_bytes(n) for n in src.used(mtp))
 
 
-def estimate_size(src_dir, dtype: str = "float32", mtp: bool = True) -> int:
+def estimate_size(src_dir, weights: str = "quantized", mtp: bool = True) -> int:
     """Bytes the export's weight data will take (the graphs themselves add well under 1%)."""
-    src = TensorSource(ModelConfig.from_file(src_dir), Checkpoint(src_dir), dtype)
-    return sum(src.stored_bytes(n) for n in _used_names(src, mtp))
+    cfg = ModelConfig.from_file(src_dir)
+    return _total(TensorSource(cfg, Checkpoint(src_dir), weights), mtp and cfg.num_nextn_predict_layers > 0)
 
 
-def export_onnx(src_dir, out_dir, dtype: str = "float32", context: int | None = None, mtp: bool = True,
+def export_onnx(src_dir, out_dir, weights: str = "quantized", context: int | None = None, mtp: bool = True,
                 progress=None, overwrite: bool = False, check: bool = True) -> Path:
     """Export the checkpoint at `src_dir` into `out_dir`; returns `out_dir`.
 
+    weights: "quantized" (the checkpoint's own FP8/FP4 bytes, decoded in the graph) or a dense dtype
+        "float32" | "float16" | "bfloat16" (see the module docstring).
     context: the longest sequence in tokens (default min(max_position_embeddings, 16384), as `dsv4.load`);
         states grow with the tokens held up to it, one graph for every capacity.
     mtp: also export the MTP block as `mtp.onnx` (when the checkpoint has one).
     progress: called as progress(bytes_written, bytes_total) while weights are written.
     """
-    if dtype not in STORAGE:
-        raise ExportError(f"export dtype must be one of {', '.join(STORAGE)}, got {dtype!r}")
+    if weights not in WEIGHTS:
+        raise ExportError(f"export weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     src, out = Path(src_dir), Path(out_dir)
     cfg = ModelConfig.from_file(src)
     ckpt = Checkpoint(src)
@@ -128,13 +143,13 @@ def export_onnx(src_dir, out_dir, dtype: str = "float32", context: int | None = 
     for stale in (MANIFEST, "model.onnx", "mtp.onnx", DATA_FILE):
         (out / stale).unlink(missing_ok=True)
     mtp = mtp and cfg.num_nextn_predict_layers > 0
-    source = TensorSource(cfg, ckpt, dtype)
-    total = sum(source.stored_bytes(n) for n in _used_names(source, mtp))
+    source = TensorSource(cfg, ckpt, weights)
+    total = _total(source, mtp)
     data = ExternalData(out / DATA_FILE, source, progress, total)
     graphs = {}
     try:
         for name, file, is_mtp in [("main", "model.onnx", False)] + ([("mtp", "mtp.onnx", True)] if mtp else []):
-            model, io = _record(cfg, data, dtype, is_mtp, streams_out=mtp and not is_mtp)
+            model, io = _record(cfg, data, weights, is_mtp, streams_out=mtp and not is_mtp)
             (out / file).write_bytes(model.SerializeToString())
             graphs[name] = {"file": file, **io}
     finally:
@@ -146,10 +161,11 @@ def export_onnx(src_dir, out_dir, dtype: str = "float32", context: int | None = 
     tokenizer = [f for f in TOKENIZER_FILES if (src / f).exists()]
     for f in tokenizer:
         shutil.copy(src / f, out / f)
-    write_manifest(out, {"dtype": dtype, "opset": OPSET, "max_len": max_len,
+    write_manifest(out, {"dtype": compute_dtype(weights), "weights": weights, "source": str(src.resolve()),
+                         "opset": OPSET, "max_len": max_len,
                          "capacity": {"min": CAPACITY_MULTIPLE, "multiple": CAPACITY_MULTIPLE}, "config": cfg_dict,
                          "graphs": graphs, "data": {"file": DATA_FILE, "bytes": data.offset},
-                         "tokenizer": tokenizer})
+                         "tokenizer": tokenizer, "quantization": quantization(weights)})
     if check:
         for g in graphs.values():
             onnx.checker.check_model(str(out / g["file"]))

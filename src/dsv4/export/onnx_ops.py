@@ -2,12 +2,18 @@
 
 The composites of `portable/ops.py` (rms_norm, rope, mHC, sink attention, indexer top-k, compressor
 pooling, experts) are inherited unchanged, so the exported graph is the portable decomposition itself.
-Three are specialised, all exact rewrites of the default:
-* `linear` multiplies by a weight stored transposed (see `weights.py`), avoiding a Transpose node.
-* `moe` routes sparsely: each expert runs only on the tokens routed to it (NonZero + Gather, then
-  ScatterND-add back), instead of the default dense loop that runs every expert on every token.  Per
-  token this is the same sum of the same expert outputs; with E = 256 experts and a one-token decode
-  step it is the difference between 256 and 6 expert evaluations.
+Four are specialised, all exact rewrites of the default:
+* `linear` multiplies by a weight stored transposed (see `weights.py`), avoiding a Transpose node; an
+  expert weight decoded in the MoE loop ([out, in], as stored) is read by a Gemm with transB.
+* `take` of a stored table gathers its rows before casting them to float32, so a BF16 embedding stays
+  BF16 in the runtime's memory.
+* `moe` computes only the experts some token picked: one ONNX Loop per MoE layer over the sorted distinct
+  expert ids of the step (Unique), whose body selects that expert's tokens (NonZero + Gather), gathers
+  and decodes its stored weights (`weights.ExpertBank`), runs the expert and adds the result back per
+  token (ScatterND-add).  Per token this is the same sum of the same expert outputs, in the same expert
+  order, as the default dense loop that runs every expert on every token; a one-token decode step of
+  V4 (6 of 256 experts) runs 6 iterations, and the graph holds one Loop per layer instead of 256 copies
+  of the expert.
 * `indexer_topk` appends k never-visible rows, because `trim` makes the stored keys a run-time number of
   rows (those visible) that may be fewer than the k columns ONNX TopK needs.
 
@@ -180,6 +186,8 @@ class OnnxOps(Ops):
         return self.g.op("Expand", [x, self.g.vec(shape)], shape, x.dtype)
 
     def take(self, x, idx, axis=0):
+        if isinstance(x, Weight) and axis == 0:
+            return x.take(idx)
         axis = axis % x.ndim
         return self.g.op("Gather", [x, idx], x.shape[:axis] + idx.shape + x.shape[axis + 1:], x.dtype, axis=axis)
 
@@ -227,19 +235,34 @@ class OnnxOps(Ops):
     def linear(self, x, w):
         if isinstance(w, Weight) and w.ndim == 2:
             return self.matmul(x, w.transposed())
+        if w.ndim == 2 and x.ndim == 2:                     # an expert weight decoded in the MoE loop
+            return self.g.op("Gemm", [x, w], (x.shape[0], w.shape[0]), FLOAT, transB=1)
         return super().linear(x, w)
 
     def moe(self, x, idx, wts, experts, limit):
-        """Sparse routing: expert e sees only its tokens; results are added back per token (exact)."""
+        """Only the picked experts, in one Loop (see the module docstring); `experts` is an `ExpertBank`."""
         g = self.g
         n, d = x.shape
-        out = self.zeros((n, d))
-        for e in range(len(experts)):
-            coef = self.sum(self.where(idx == e, wts, 0.0), -1)                      # [N]
-            hit = self.max(self.where(idx == e, g.const(np.int64(1)), 0), -1)            # [N] 0/1
-            nz = g.op("NonZero", [hit], (1, None), INT64)                           # [1, n_e]
-            tok = g.op("Reshape", [nz, g.vec([-1])], (None,), INT64)
-            tok.shape = (g.dim_of(tok, 0),)
-            y = self.expert(self.take(x, tok, 0), *experts[e], limit, coef=self.take(coef, tok, 0))
-            out = g.op("ScatterND", [out, self._unsqueeze_last(tok), y], (n, d), FLOAT, reduction="add")
-        return out
+        used = g.op("Unique", [self.reshape(idx, [-1])], (None,), INT64, sorted=1)          # distinct ids, sorted
+        used.shape = (g.dim_of(used, 0),)
+        body = Graph(g.name + "_moe", prefix=g.fresh("moe") + "/")
+        o = OnnxOps(body)
+        o.act_type = self.act_type
+        it, cond, acc = (body.fresh(h) for h in ("iter", "cond", "acc"))
+        body.add_input(it, INT64, [])
+        body.add_input(cond, BOOL, [])
+        body.add_input(acc, FLOAT, ["tokens", d])
+        e = Sym(body, body.node("Gather", [used.name, it], axis=0)[0], (), INT64)            # this iteration's expert
+        picked = Sym(body, idx.name, idx.shape, INT64) == e                                   # [N, k] (outer values)
+        coef = o.sum(o.where(picked, Sym(body, wts.name, wts.shape, FLOAT), 0.0), -1)        # [N]
+        hit = o.max(o.where(picked, body.const(np.int64(1)), 0), -1)                         # [N] 0/1
+        tok = body.op("Reshape", [body.op("NonZero", [hit], (1, None), INT64), body.vec([-1])], (None,), INT64)
+        tok.shape = (body.dim_of(tok, 0),)
+        w1, w2, w3 = (experts.decode(body, p, e.name) for p in ("w1", "w2", "w3"))
+        y = o.expert(o.take(Sym(body, x.name, x.shape, FLOAT), tok, 0), w1, w2, w3, limit, coef=o.take(coef, tok, 0))
+        out = body.op("ScatterND", [Sym(body, acc, (n, d), FLOAT), o._unsqueeze_last(tok), y], (n, d), FLOAT,
+                      reduction="add")
+        body.add_output(body.fresh("cond_out"), Sym(body, cond, (), BOOL), [])
+        body.add_output(body.fresh("acc_out"), out, ["tokens", d])
+        loop = g.node("Loop", [g.scalar(used.shape[0]), "", self.zeros((n, d))], body=body.proto())[0]
+        return Sym(g, loop, (n, d), FLOAT)

@@ -163,8 +163,8 @@ class Sym:
 class Graph:
     """Nodes, initializers, inputs and outputs of one ONNX graph, plus the constant and Dim caches."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, prefix: str = ""):
+        self.name, self.prefix = name, prefix        # prefix: unique value names for a subgraph (Loop body)
         self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
         self._ids = itertools.count()
         self._consts: dict = {}
@@ -174,7 +174,7 @@ class Graph:
         self._vecs: dict = {}           # Dim key → [1] name
 
     def fresh(self, hint: str) -> str:
-        return f"{hint}_{next(self._ids)}"
+        return f"{self.prefix}{hint}_{next(self._ids)}"
 
     # ---------------------------------------------------------------- nodes
     def node(self, op_type: str, inputs: list, n_out: int = 1, **attrs) -> list[str]:
@@ -341,7 +341,9 @@ class Graph:
             y = self.op("Gather", [y, self.scalar(k)], y.shape[:ax] + y.shape[ax + 1:], x.dtype, axis=ax)
         return y
 
+    def proto(self):
+        return helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+
     def model(self, opset: int):
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10,
+        return helper.make_model(self.proto(), opset_imports=[helper.make_opsetid("", opset)], ir_version=10,
                                  producer_name="dsv4")

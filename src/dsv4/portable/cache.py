@@ -89,10 +89,21 @@ def _layer_buffers(cfg: ModelConfig, layer: int, key: str, batch: int, capacity:
     return out
 
 
-def check_format(fmt: str) -> None:
-    """Refuse a state format other than "bf16" and "deploy" (one message for the API and the schema)."""
+def deploy_fits(cfg: ModelConfig) -> bool:
+    """Whether the deploy format's blocks tile this config's entries: FP8 scales per 64 nope dims, FP4
+    scales per 32 indexer dims (V4 as released: 448 nope, 128 indexer dims)."""
+    return (cfg.head_dim - cfg.qk_rope_head_dim) % FP8_BLOCK == 0 and cfg.index_head_dim % FP4_BLOCK == 0
+
+
+def check_format(fmt: str, cfg: ModelConfig | None = None) -> None:
+    """Refuse a state format other than "bf16" and "deploy", and "deploy" for a config whose entries its
+    blocks do not tile (one message for the API and the schema)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown state format {fmt!r}; use 'bf16' or 'deploy'")
+    if fmt == "deploy" and cfg is not None and not deploy_fits(cfg):
+        raise ValueError(f"the deploy state format stores {FP8_BLOCK}-dim FP8 and {FP4_BLOCK}-dim FP4 blocks; "
+                         f"this model's entries ({cfg.head_dim - cfg.qk_rope_head_dim} nope dims, "
+                         f"{cfg.index_head_dim} indexer dims) do not divide into them: use state_format 'bf16'")
 
 
 def state_spec(cfg: ModelConfig, batch: int, capacity: int, fmt: str = "bf16") -> list[Buffer]:

@@ -405,6 +405,28 @@ class Checkpoint:
         self.report(spec.nbytes)
         return out
 
+    def read_part(self, name: str, axis: int, start: int, stop: int) -> np.ndarray:
+        """Rows (axis 0) or columns (axis 1) start..stop of tensor `name`, copied with positional reads of
+        exactly those bytes (a parallel run's rank reads only its part: `portable.sharding`)."""
+        entry = self._entry(name)
+        spec = entry.spec
+        dt = NP_DTYPE[spec.dtype]
+        shape = list(spec.shape)
+        inner = math.prod(shape[axis + 1:]) * dt.itemsize          # bytes of one index along `axis`
+        shape[axis] = stop - start
+        out = np.empty(shape, dt)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        outer = math.prod(spec.shape[:axis])                         # 1 for rows; the row count for columns
+        width, stride = (stop - start) * inner, spec.shape[axis] * inner
+        fd = os.open(self._files[entry.file], os.O_RDONLY)
+        try:
+            for r in range(outer):
+                self._fill(fd, name, entry, buf[r * width:(r + 1) * width], r * stride + start * inner)
+        finally:
+            os.close(fd)
+        self.report(out.nbytes)
+        return out
+
     @staticmethod
     def _fill(fd: int, name: str, entry: _Entry, buf: memoryview, start: int) -> None:
         """Fill `buf` with the bytes of tensor `name` from byte `start` on, with bounded positional reads."""

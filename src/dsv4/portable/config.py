@@ -4,8 +4,9 @@ Why a dataclass of our own instead of a dict: every size the graph, the cache an
 need is derived here once, and every bad field is rejected here with one clear message, so nothing
 downstream meets a config it cannot run.  Key names are the HF `config.json` names (model spec §1.1).
 Presets: `flash`, `pro` (the released models), `tiny` (model spec §11.1), `tiny2` (a second small
-config with other sizes: HCA first like Pro, 8 heads, 16 experts top-4, hidden 384) and `demo` (tiny with
-the real 129,280-token vocabulary, for the embedded demo).
+config with other sizes: HCA first like Pro, 8 heads, 16 experts top-4, hidden 384), `demo` (the shipped
+model trained on arithmetic: hidden 128, 4 layers, the real 129,280-token vocabulary) and `demo-random`
+(tiny with the real vocabulary and random weights, for tests).
 """
 
 from __future__ import annotations
@@ -318,11 +319,21 @@ def _tiny2() -> dict:
 
 
 def _demo() -> dict:
-    """The tiny architecture with the real V4 vocabulary, so the demo runs the official tokenizer."""
+    """The shipped demo (trained by tools/train_demo.py): every V4 mechanism (window, CSA and HCA layers,
+    mHC, hash-routed and top-k MoE, MTP) at a size a laptop CPU trains, with the real vocabulary."""
+    return dict(vocab_size=129280, hidden_size=128, num_hidden_layers=4, compress_ratios=[0, 4, 128, 0, 0],
+                num_hash_layers=1, num_attention_heads=4, head_dim=64, qk_rope_head_dim=32, q_lora_rank=64,
+                o_groups=2, o_lora_rank=64, index_n_heads=4, index_head_dim=64, index_topk=8,
+                n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                max_position_embeddings=4096)
+
+
+def _demo_random() -> dict:
+    """The tiny architecture with the real V4 vocabulary and random weights (tests: long outputs, no EOS)."""
     return dict(_tiny(), vocab_size=129280, max_position_embeddings=8192)
 
 
-PRESETS = {"flash": _flash, "pro": _pro, "tiny": _tiny, "tiny2": _tiny2, "demo": _demo}
+PRESETS = {"flash": _flash, "pro": _pro, "tiny": _tiny, "tiny2": _tiny2, "demo": _demo, "demo-random": _demo_random}
 
 
 def preset(name: str) -> ModelConfig:

@@ -38,6 +38,12 @@ same way.
 Constraints: a job's `constraint` (see `sampling`) masks every sampled token and is advanced with it;
 when it reports `finished` the job ends with reason "stop".
 
+Speculative decoding: a job with `draft_tokens` k > 0 keeps an MTP state beside its state (fed during
+prefill) and decodes in rounds (`speculative`): the MTP block drafts k tokens, one [B, k+1] step verifies
+them, the rows of rejected tokens are undone, and the kept tokens are delivered one by one with the same
+stop/length/cancel checks as a sampled token, so the job ends at the token plain decoding would end at.
+Drafting jobs are batched among themselves (stacked main and MTP states), plain jobs among themselves.
+
 Prefix reuse: the `PrefixCache` holds (token ids → state, next-token logits) snapshots taken when a
 prompt is fully read (a fork, since the job goes on updating its state in place), at `snapshot_at`
 prompt tokens when a job asks for it (the chat REPL: see `cli.session`), and when a job ends.  A job
@@ -57,6 +63,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import speculative
 from .encoding import ContentDelta, IncrementalDetokenizer, StreamParser
 from .sampling import Sampler, SamplingParams
 
@@ -84,6 +91,12 @@ class Usage:
     completion_tokens: int = 0
     prefill_s: float = 0.0            # submission to the first token
     decode_s: float = 0.0             # first token to the last
+    drafted: int = 0                  # tokens the MTP block drafted (speculative decoding)
+    accepted: int = 0                 # drafted tokens the main model kept
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
 
     @property
     def decode_tok_s(self) -> float | None:
@@ -107,6 +120,8 @@ class Finished:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     exception: Exception | None = field(default=None, compare=False, repr=False)   # for in-process callers
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass(eq=False)
@@ -123,6 +138,7 @@ class Job:
     forks: list = field(default_factory=list)   # jobs with this prompt that start from its prefill (n > 1)
     index: int = 0                  # the choice this job is (its sampler's random stream)
     snapshot_at: int | None = None  # also cache the state after this many prompt tokens
+    draft_tokens: int | None = None  # MTP drafts per decode step (None: the model's default; 0: off)
     cancelled: bool = False
     cached_tokens: int = 0          # prompt tokens served from the prefix cache (set before the first token)
     # Scheduler-owned from here on.
@@ -135,6 +151,11 @@ class Job:
     started: bool = False
     submitted_at: float = 0.0
     first_token_at: float | None = None
+    mtp: object = None                              # the MTP block's state (drafting jobs)
+    mtp_h: object = None                            # main streams the MTP block has still to read
+    probing: bool = False                           # drafting by default: stops if drafts fail
+    drafted: int = 0
+    accepted: int = 0
 
     def cancel(self) -> None:
         """Ask the scheduler to drop this job at its next turn (safe from any thread)."""
@@ -146,11 +167,15 @@ class PrefixCache:
     prefixes a prompt.  A stored state belongs to the cache: resume from `model.fork_state` of it.
 
     `disk` (a `prompt_store.StateStore`) is a second tier that survives restarts: every snapshot is also
-    saved there, and a lookup restores a saved prefix longer than any held in memory (and keeps it)."""
+    saved there, and a lookup restores a saved prefix longer than any held in memory (and keeps it).
+
+    A snapshot of a drafting job also keeps its MTP state and the streams that state still owes
+    (`mtp`), so a job resuming it drafts as well as the one that stored it (memory tier only)."""
 
     def __init__(self, capacity: int = 8, disk=None):
         self.capacity, self.disk = capacity, disk
         self._items: list = []
+        self._mtp: dict = {}                    # tuple(token ids) → (MTP state, owed streams)
 
     def lookup(self, ids):
         """(tokens, state, logits) of the longest snapshot whose tokens prefix `ids`, or None."""
@@ -167,15 +192,26 @@ class PrefixCache:
                 self._keep(best)
         return best
 
-    def store(self, ids, state, logits) -> None:
-        self._keep((list(ids), state, logits))
+    def store(self, ids, state, logits, mtp=None) -> None:
+        self._keep((list(ids), state, logits), mtp)
         if self.disk is not None:
             self.disk.save(ids, state, logits)
 
-    def _keep(self, item) -> None:
+    def mtp(self, ids):
+        """(MTP state, owed streams) stored with the snapshot of exactly `ids`, or None; the state
+        belongs to the cache (resume from a fork)."""
+        return self._mtp.get(tuple(ids))
+
+    def _keep(self, item, mtp=None) -> None:
         self._items = [it for it in self._items if it[0] != item[0]]
         self._items.append(item)
         del self._items[:max(0, len(self._items) - self.capacity)]
+        key = tuple(item[0])
+        self._mtp.pop(key, None)
+        if mtp is not None:
+            self._mtp[key] = mtp
+        held = {tuple(it[0]) for it in self._items}
+        self._mtp = {k: v for k, v in self._mtp.items() if k in held}
 
 
 def prefill(model, state, ids, chunk: int):
@@ -191,10 +227,13 @@ class Engine:
     `step(state, ids)`, `fork_state(state)` and, for batching, `runner.stack(states)` / `runner.split`."""
 
     def __init__(self, model, max_queue: int = 64, max_batch: int = 8, prefill_chunk: int = 256,
-                 cache: PrefixCache | None = None):
+                 cache: PrefixCache | None = None, draft_tokens: int | None = None):
+        """`draft_tokens`: MTP drafts per decode step of the jobs that do not set their own (None: the
+        model's default, `speculative.default_draft_tokens`)."""
         if max_queue < 1 or max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_queue, max_batch and prefill_chunk must be ≥ 1")
         self.model = model
+        self.draft_tokens = None if draft_tokens is None else speculative.check_draft_tokens(draft_tokens)
         self.max_queue, self.max_batch, self.prefill_chunk = max_queue, max_batch, prefill_chunk
         self.cache = cache
         runner = getattr(model, "runner", None)
@@ -203,12 +242,14 @@ class Engine:
         self._waiting: collections.deque = collections.deque()
         self._running: list = []
         self._group = None                      # (members, stacked state) of the last batched step
+        self._sgroup = None                     # (members, stacked state, stacked MTP state): drafting jobs
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.decode_steps = 0
         self.decode_rows = 0
         self.prefill_steps = 0
+        self.verify_steps = 0                   # decode steps of drafting jobs (one per round)
 
     @property
     def batching(self) -> bool:
@@ -242,6 +283,8 @@ class Engine:
                              f"the context of {self.model.context}")
         if any(f.prompt != job.prompt or f.forks for f in job.forks):
             raise ValueError("a job's forks must have its prompt and no forks of their own")
+        for j in (job, *job.forks):
+            j.draft_tokens = self._drafts(j)
         with self._cv:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -259,7 +302,21 @@ class Engine:
             return {"running": len(self._running), "waiting": len(self._waiting), "batching": self.batching,
                     "max_batch": self.max_batch, "max_queue": self.max_queue,
                     "decode_steps": self.decode_steps, "decode_rows": self.decode_rows,
-                    "prefill_steps": self.prefill_steps}
+                    "prefill_steps": self.prefill_steps, "verify_steps": self.verify_steps}
+
+    def _drafts(self, job: Job) -> int:
+        """The drafts per step `job` runs with: its own setting, the engine's, or for a greedy job the
+        model's default (then `probing`: see `speculative.keeps_drafting`); 0 with a constraint (its
+        mask would have to follow every draft); refused beyond the model's means.  A sampled job drafts
+        only when asked: its tokens follow plain sampling's distribution, but which ones a seed gives
+        depends on the drafts, so by default a seed keeps giving the answer it gave without drafting."""
+        k = job.draft_tokens if job.draft_tokens is not None else self.draft_tokens
+        if k is None:
+            job.probing = True
+            greedy = job.sampling.temperature == 0 and job.constraint is None
+            return getattr(self.model, "default_draft_tokens", 0) if greedy else 0
+        k = speculative.check_draft_tokens(k, self.model)
+        return 0 if job.constraint is not None else k
 
     # ------------------------------------------------------------ the scheduler
     def _run(self) -> None:
@@ -292,9 +349,9 @@ class Engine:
             try:
                 self._decode(decoding)
             except Exception as e:
-                self._group = None
+                self._group = self._sgroup = None
                 for job in decoding:
-                    job.state = None
+                    job.state = job.mtp = None
                     self._fail(job, e, "decode step failed")
 
     def _prefill_chunk(self, job: Job) -> None:
@@ -308,21 +365,42 @@ class Engine:
             else:
                 job.state = self.model.new_state(1)
             job.cached_tokens = len(job.tokens)
+            if job.draft_tokens:
+                kept = self.cache.mtp(job.tokens) if hit else None
+                if kept is not None:
+                    job.mtp, job.mtp_h = self.model.fork_state(kept[0]), kept[1]
+                else:
+                    # A snapshot without an MTP state (from the disk tier, or a job that did not draft):
+                    # the MTP block starts at the first token it gets streams for (its window misses the
+                    # cached prefix: weaker drafts, the same output).
+                    job.mtp = self.model.new_mtp_state(1)
+                    if job.tokens:
+                        self.model.runner.set_start(job.mtp, np.asarray([len(job.tokens)]))
         end = len(job.prompt)
         if job.snapshot_at is not None and len(job.tokens) < job.snapshot_at:
             end = job.snapshot_at
         todo = job.prompt[len(job.tokens):min(end, len(job.tokens) + self.prefill_chunk)]
         if todo:
-            job.logits, job.state = prefill(self.model, job.state, todo, self.prefill_chunk)
+            if job.mtp is not None:
+                owed = 0 if job.mtp_h is None else job.mtp_h.shape[1]
+                job.logits, job.mtp_h = speculative.prefill(self.model, job.state, job.mtp, todo,
+                                                            self.prefill_chunk, job.mtp_h,
+                                                            job.tokens[len(job.tokens) - owed + 1:] if owed else [])
+            else:
+                job.logits, job.state = prefill(self.model, job.state, todo, self.prefill_chunk)
             job.tokens.extend(todo)
             self.prefill_steps += 1
             if len(job.tokens) == job.snapshot_at and self.cache is not None:
-                self.cache.store(job.tokens, self.model.fork_state(job.state), job.logits)
+                self.cache.store(job.tokens, self.model.fork_state(job.state), job.logits, self._mtp_copy(job))
         if len(job.tokens) == len(job.prompt):
             if self.cache is not None and job.cached_tokens < len(job.prompt):
-                self.cache.store(job.prompt, self.model.fork_state(job.state), job.logits)
+                self.cache.store(job.prompt, self.model.fork_state(job.state), job.logits, self._mtp_copy(job))
             self._start_forks(job)          # before the job samples: that may end it and release its state
             self._sample(job)
+
+    def _mtp_copy(self, job: Job):
+        """What the prefix cache keeps of a drafting job's MTP side (a fork: the job goes on)."""
+        return None if job.mtp is None else (self.model.fork_state(job.mtp), job.mtp_h)
 
     def _start_forks(self, job: Job) -> None:
         """The forks start from this job's prefill (module docstring: n > 1)."""
@@ -332,6 +410,10 @@ class Engine:
             fork.sampler = Sampler(fork.sampling, fork.index)
             fork.tokens, fork.logits, fork.cached_tokens = list(job.tokens), job.logits, job.cached_tokens
             fork.state = self.model.fork_state(job.state)
+            if job.mtp is not None and fork.draft_tokens:
+                fork.mtp, fork.mtp_h = self.model.fork_state(job.mtp), job.mtp_h
+            else:
+                fork.draft_tokens = 0
             with self._cv:
                 self._running.append(fork)
             self._sample(fork)
@@ -339,6 +421,18 @@ class Engine:
     def _decode(self, jobs: list) -> None:
         self.decode_steps += 1
         self.decode_rows += len(jobs)
+        plain = [j for j in jobs if not j.draft_tokens]
+        drafting = [j for j in jobs if j.draft_tokens]
+        if self._sgroup is not None and self._sgroup[0] != drafting:
+            self._split_drafting()
+        for job in plain:                   # a job may have stopped drafting (`speculative.keeps_drafting`)
+            job.mtp = job.mtp_h = None
+        if drafting:
+            self._decode_drafting(drafting)
+        if plain:
+            self._decode_plain(plain)
+
+    def _decode_plain(self, jobs: list) -> None:
         if self._runner is None:
             for job in jobs:
                 logits, job.state = self.model.step(job.state, np.asarray([[job.pending]], dtype=np.int64))
@@ -365,6 +459,74 @@ class Engine:
         for job, row in zip(members, self._runner.split(state)):
             job.state = row
 
+    def _split_drafting(self) -> None:
+        """The same for the drafting jobs' stacked main and MTP states."""
+        if self._sgroup is None:
+            return
+        members, state, mtp = self._sgroup
+        self._sgroup = None
+        for job, row, mrow in zip(members, self._runner.split(state), self._runner.split(mtp)):
+            job.state, job.mtp = row, mrow
+
+    def _decode_drafting(self, jobs: list) -> None:
+        """One speculative round (`portable.speculative`) for the drafting jobs: batched on stacked
+        main and MTP states like plain decode, else one job at a time."""
+        if self._runner is None:
+            for job in jobs:
+                self._round([job], job.state, job.mtp)
+            return
+        if self._sgroup is None or self._sgroup[0] != jobs:
+            self._split_drafting()
+            stacked = (self._runner.stack([j.state for j in jobs]), self._runner.stack([j.mtp for j in jobs]))
+            for job in jobs:
+                job.state = job.mtp = None
+            self._sgroup = (list(jobs), *stacked)
+        members, state, mtp = self._sgroup
+        self._round(list(members), state, mtp)
+
+    def _round(self, jobs: list, state, mtp) -> None:
+        """Draft, verify, undo what is not kept, then deliver each job's new tokens in order; a stop id
+        or the token budget met mid-draft ends the job there, as plain decoding would."""
+        model, o = self.model, self.model.runner.ops
+        self.verify_steps += 1
+        room = model.context - max(len(j.tokens) for j in jobs) - 1        # the verify step must fit
+        rows = []
+        for j in jobs:
+            hist = j.tokens + [j.pending]
+            m = 0 if j.mtp_h is None else j.mtp_h.shape[1]
+            k = max(0, min(j.draft_tokens, j.max_tokens - j.generated - 1, room))
+            rows.append(speculative.Row(j.sampler, hist, j.mtp_h, hist[len(hist) - m:], k))
+        fed = speculative.draft(model, mtp, rows)
+        logits, streams, undo = speculative.verify(model, state, [j.pending for j in jobs], rows)
+        plans = []
+        for i, (j, r) in enumerate(zip(jobs, rows)):
+            new = speculative.accept(r, logits[i])
+            take = []
+            for t in new:
+                take.append(t)
+                if t in j.stop_ids or j.generated + len(take) >= j.max_tokens:
+                    break
+            plans.append((new, take))
+        undo.restore(model.runner, state, [len(t) for _, t in plans])     # pending + all but the last
+        for i, (j, r, (new, take)) in enumerate(zip(jobs, rows, plans)):
+            j.drafted += len(r.drafts)
+            j.accepted += min(len(new) - 1, len(take))
+            h = streams[i:i + 1, :len(take)]
+            j.mtp_h = h if fed or j.mtp_h is None else o.concat([j.mtp_h, h], 1)
+            j.tokens.append(j.pending)
+            j.tokens.extend(take[:-1])
+            j.pending = None
+            j.logits = np.array(logits[i, len(take) - 1])
+            if j.probing and not speculative.keeps_drafting(j.drafted, j.accepted):
+                j.draft_tokens = 0
+        for i, (j, (new, take)) in enumerate(zip(jobs, plans)):
+            for n, t in enumerate(take):
+                j.sampler.commit(t)
+                if not self._deliver(j, j.sampler.report(t, logits[i, n], j.top_logprobs)):
+                    break
+            else:
+                j.pending = take[-1]
+
     def _advance(self, job: Job, logits) -> None:
         job.tokens.append(job.pending)
         job.pending = None
@@ -379,6 +541,12 @@ class Engine:
         except Exception as e:
             self._fail(job, e, "sampling failed")
             return
+        if self._deliver(job, token):
+            job.pending = token.id
+
+    def _deliver(self, job: Job, token) -> bool:
+        """Emit one generated token; end the job on a stop id, the constraint's end, the budget or a
+        cancel (False), else True: the token is the job's next input."""
         job.generated += 1
         if job.first_token_at is None:
             job.first_token_at = time.perf_counter()
@@ -390,7 +558,8 @@ class Engine:
         elif job.cancelled:
             self._finish(job, "cancelled")
         else:
-            job.pending = token.id
+            return True
+        return False
 
     def _fail(self, job: Job, error: Exception, what: str) -> None:
         """End `job` with an error; logged with its traceback on the scheduler thread only (an in-process
@@ -402,17 +571,20 @@ class Engine:
     def _finish(self, job: Job, reason: str, error: Exception | None = None) -> None:
         if self._group is not None and any(m is job for m in self._group[0]):
             self._split_group()
+        if self._sgroup is not None and any(m is job for m in self._sgroup[0]):
+            self._split_drafting()
         if (self.cache is not None and job.state is not None and reason != "error"
                 and len(job.tokens) > job.cached_tokens):
-            self.cache.store(job.tokens, job.state, job.logits)
-        job.state = job.logits = None
+            self.cache.store(job.tokens, job.state, job.logits,
+                             None if job.mtp is None else (job.mtp, job.mtp_h))
+        job.state = job.logits = job.mtp = job.mtp_h = None
         with self._cv:
             if job in self._running:
                 self._running.remove(job)
         now = time.perf_counter()
         first = job.first_token_at if job.first_token_at is not None else now
         self._emit(job, Finished(reason, job.generated, describe(error) if error else None,
-                                 first - job.submitted_at, now - first, error))
+                                 first - job.submitted_at, now - first, error, job.drafted, job.accepted))
         forks, job.forks = job.forks, []
         for fork in forks:                      # ended before its prompt was read: so do its forks
             self._finish(fork, reason, error)

@@ -38,9 +38,11 @@ class Result(Usage):
                 raise event.exception
             self.finish_reason, self.completion_tokens = event.reason, event.completion_tokens
             self.prefill_s, self.decode_s = event.prefill_s, event.decode_s
+            self.drafted, self.accepted = event.drafted, event.accepted
 
 
-def _job(model, prompt_ids, max_tokens: int, sampling, stop_ids, top_logprobs: int, constraint, emit) -> Job:
+def _job(model, prompt_ids, max_tokens: int, sampling, stop_ids, top_logprobs: int, constraint, emit,
+         draft_tokens: int | None = None) -> Job:
     """A job for `prompt_ids`, its budget capped by the context (the engine refuses one that overflows)."""
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
@@ -53,20 +55,25 @@ def _job(model, prompt_ids, max_tokens: int, sampling, stop_ids, top_logprobs: i
         stop_ids = [model.config.eos_token_id]
     stop = {int(stop_ids)} if isinstance(stop_ids, (int, np.integer)) else {int(t) for t in stop_ids}
     return Job(prompt=prompt, max_tokens=budget, emit=emit, sampling=sampling or SamplingParams(),
-               stop_ids=frozenset(stop), top_logprobs=top_logprobs, constraint=constraint)
+               stop_ids=frozenset(stop), top_logprobs=top_logprobs, constraint=constraint,
+               draft_tokens=draft_tokens)
 
 
 def stream(model, prompt_ids, max_tokens: int = 256, sampling: SamplingParams | None = None,
            stop_ids=None, prefill_chunk: int = 256, cache: PrefixCache | None = None,
            top_logprobs: int = 0, should_stop: Callable[[], bool] | None = None,
-           result: Result | None = None, constraint=None, snapshot_at: int | None = None) -> Iterator[Token]:
+           result: Result | None = None, constraint=None, snapshot_at: int | None = None,
+           draft_tokens: int | None = None) -> Iterator[Token]:
     """Yield generated tokens one by one.  `result`, if given, is filled with usage and timings at the end
     (also when the consumer stops early or `should_stop()` turns true, e.g. on a client disconnect);
     `snapshot_at` also caches the state after that many prompt tokens (see `engine`).  An exception out
-    of a step (KeyboardInterrupt included) leaves at once, caching nothing: the state may be cut mid-step."""
+    of a step (KeyboardInterrupt included) leaves at once, caching nothing: the state may be cut mid-step.
+    `draft_tokens`: tokens the MTP block drafts per step (`portable.speculative`; None: the model's
+    default, 0: off); the tokens are those of plain decoding (greedy) or distributed as they are."""
     events: collections.deque = collections.deque()
     res = result if result is not None else Result()
-    job = _job(model, prompt_ids, max_tokens, sampling, stop_ids, top_logprobs, constraint, events.append)
+    job = _job(model, prompt_ids, max_tokens, sampling, stop_ids, top_logprobs, constraint, events.append,
+               draft_tokens)
     job.snapshot_at = snapshot_at
     res.prompt_tokens = len(job.prompt)
     engine = Engine(model, max_batch=1, prefill_chunk=prefill_chunk, cache=cache)
@@ -76,6 +83,16 @@ def stream(model, prompt_ids, max_tokens: int = 256, sampling: SamplingParams | 
         if should_stop is not None and should_stop():
             job.cancel()
 
+    def take(event) -> bool:
+        """Record `event`; a token the engine delivered after the consumer asked to stop (the rest of
+        a speculative round) is dropped, so the output ends where plain decoding's would."""
+        if isinstance(event, Token) and job.cancelled:
+            return False
+        res.record(event)
+        if isinstance(event, Finished):
+            res.completion_tokens = min(res.completion_tokens, len(res.tokens))
+        return isinstance(event, Token)
+
     try:
         while engine.busy:
             engine.turn()
@@ -83,8 +100,7 @@ def stream(model, prompt_ids, max_tokens: int = 256, sampling: SamplingParams | 
             check()
             while events:
                 event = events.popleft()
-                res.record(event)
-                if isinstance(event, Token):
+                if take(event):
                     yield event
                     check()
     except GeneratorExit:               # the consumer left early: the job ends and its state is cached
@@ -92,7 +108,7 @@ def stream(model, prompt_ids, max_tokens: int = 256, sampling: SamplingParams | 
         while engine.busy:
             engine.turn()
         for event in events:
-            res.record(event)
+            take(event)
         raise
 
 
@@ -106,18 +122,21 @@ def generate(model, prompt_ids, **kw) -> Result:
 
 def generate_batch(model, prompts, max_tokens: int = 256, sampling: SamplingParams | None = None,
                    stop_ids=None, prefill_chunk: int = 256, cache: PrefixCache | None = None,
-                   top_logprobs: int = 0, max_batch: int = 8) -> list:
-    """Generate for several prompts at once (their decode steps batched, `max_batch` rows at a time);
-    one `Result` per prompt, in order."""
+                   top_logprobs: int = 0, max_batch: int = 8, draft_tokens: int | None = None) -> list:
+    """Generate for several prompts at once (their decode steps batched, `max_batch` rows at a time,
+    drafting `draft_tokens` per step as `stream` does); one `Result` per prompt, in order."""
     results = [Result(prompt_tokens=len(p)) for p in prompts]
-    jobs = [_job(model, p, max_tokens, sampling, stop_ids, top_logprobs, None, r.record)
-            for p, r in zip(prompts, results)]
+    events = [[] for _ in prompts]      # recorded after the run: a failed job's exception must reach the
+    jobs = [_job(model, p, max_tokens, sampling, stop_ids, top_logprobs, None, e.append, draft_tokens)
+            for p, e in zip(prompts, events)]           # caller, not the engine's delivery guard
     engine = Engine(model, max_queue=max(1, len(jobs)), max_batch=max_batch, prefill_chunk=prefill_chunk,
                     cache=cache)
     for job in jobs:
         engine.submit(job)
     while engine.busy:
         engine.turn()
-    for job, res in zip(jobs, results):
+    for job, res, evs in zip(jobs, results, events):
+        for event in evs:
+            res.record(event)
         res.cached_tokens = job.cached_tokens
     return results

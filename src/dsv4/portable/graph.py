@@ -15,6 +15,11 @@ its new rows last (`Ops.write_rows`), which is what lets a backend update the st
 
 `W` is the backend's weight store: `W[name]` gives a tensor by its official checkpoint name (linear
 weights as the backend's quantized or dense object), `W.experts(prefix)` the routed experts of one layer.
+
+Parallel runs (`portable.sharding`): on rank r of N, `W` holds that rank's parts (its query heads and
+`wo_a` groups, indexer heads, E/N experts, 1/N of the shared expert and of the vocabulary) and the graph
+works on the local sizes, joined by `Ops.all_reduce` / `Ops.all_gather` where the plan splits.  In one
+process those are identities and every local size is the model's.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 
 from .config import ModelConfig
 from .ops import NEG_INF, Ops, Segment, yarn_inv_freq
+from .sharding import shard
 
 
 class Rope:
@@ -150,7 +156,8 @@ def window_segments(o: Ops, cfg: ModelConfig, ring, kv, start, pos) -> list:
 
 def attention(o: Ops, cfg: ModelConfig, W, layer: int, p: str, x, ls, start, pos, ropes, capacity: int):
     b, s, _ = x.shape
-    h, d, m = cfg.num_attention_heads, cfg.head_dim, cfg.ratio(layer)
+    sh = shard(cfg, o.rank, o.world)
+    h, d, m = sh.heads, cfg.head_dim, cfg.ratio(layer)              # this rank's query heads
     eps = cfg.rms_norm_eps
     t = ropes[m > 0]
     qr = o.rms_norm(o.linear(x, W[p + "wq_a.weight"]), W[p + "q_norm.weight"], eps)
@@ -177,7 +184,7 @@ def attention(o: Ops, cfg: ModelConfig, W, layer: int, p: str, x, ls, start, pos
             idx = compress(o, cfg, W, p + "indexer.compressor.", layer, x, ls.index_kv, ls.index_gate,
                            ls.index_keys, start, pos, lambda e, jpos: iround(rope_at(e, jpos)))
             nh, ic = cfg.index_n_heads, cfg.index_head_dim
-            qi = o.reshape(o.linear(qr, W[p + "indexer.wq_b.weight"]), [b, s, nh, ic])
+            qi = o.reshape(o.linear(qr, W[p + "indexer.wq_b.weight"]), [b, s, sh.index_heads, ic])
             qi = iround(_rope(o, qi, t))
             wts = o.linear(x, W[p + "indexer.weights_proj.weight"]) * (ic ** -0.5 * nh ** -0.5)
             sel_old, sel_new = o.indexer_topk(qi, wts, [(ls.index_keys.prefix(o, n_old), n_old), (idx.e, n_new)],
@@ -201,9 +208,9 @@ def attention(o: Ops, cfg: ModelConfig, W, layer: int, p: str, x, ls, start, pos
         ls.index_kv, ls.index_gate = store_compressed(o, cfg, layer, idx, (ls.index_kv, ls.index_gate),
                                                       ls.index_keys, start, rows)
     out = _rope(o, out, t, inverse=True)
-    g = cfg.o_groups
+    g = sh.groups
     u = o.grouped_linear(o.reshape(out, [b, s, g, cfg.heads_per_group * d]), W[p + "wo_a.weight"], g)
-    return o.linear(o.act(o.reshape(u, [b, s, g * cfg.o_lora_rank])), W[p + "wo_b.weight"])
+    return o.all_reduce(o.linear(o.act(o.reshape(u, [b, s, g * cfg.o_lora_rank])), W[p + "wo_b.weight"]))
 
 
 # ---------------------------------------------------------------------- MoE (§6)
@@ -219,10 +226,13 @@ def moe(o: Ops, cfg: ModelConfig, W, layer: int, p: str, x, ids):
     wts = o.take_along_axis(scores, idx, -1)
     wts = wts / o.sum(wts, -1, keepdims=True) * cfg.routed_scaling_factor
     lim = cfg.swiglu_limit
+    if o.world > 1:                 # expert parallel: this rank's experts, by their ids in its bank
+        part = shard(cfg, o.rank, o.world).experts
+        idx = o.where((idx >= part.start) & (idx < part.stop), idx - part.start, -1)
     y = o.moe(xf, idx, wts, W.experts(p + "experts."), lim)
     shared = o.act(o.expert(xf, W[p + "shared_experts.w1.weight"], W[p + "shared_experts.w2.weight"],
                             W[p + "shared_experts.w3.weight"], lim))
-    return o.act(o.reshape(y + o.hp(shared), [b, s, dim]))
+    return o.act(o.reshape(o.all_reduce(y + o.hp(shared)), [b, s, dim]))      # one combine per layer
 
 
 # ---------------------------------------------------------------------- block and model
@@ -241,7 +251,19 @@ def _head(o: Ops, cfg: ModelConfig, W, p: str, h):
     y = o.hc_head(h, W[p + "hc_head_fn"], W[p + "hc_head_base"], W[p + "hc_head_scale"], cfg.hc_eps,
                   cfg.rms_norm_eps)
     y = o.rms_norm(y, W[p + "norm.weight"], cfg.rms_norm_eps)
-    return o.linear(o.hp(y), o.hp(W["head.weight"]))
+    return o.all_gather(o.linear(o.hp(y), o.hp(W["head.weight"])), -1)       # rank r: vocabulary part r
+
+
+def embed(o: Ops, cfg: ModelConfig, W, ids):
+    """Embedding rows of ids [B,S]; a rank holds one vocabulary part and looks up only the ids in it (the
+    others give exact zeros), so the sum over ranks is the lookup."""
+    if o.world == 1:
+        return o.act(o.take(W["embed.weight"], ids, 0))
+    part = shard(cfg, o.rank, o.world).vocab
+    local = ids - part.start
+    mine = (local >= 0) & (local < len(part))
+    e = o.take(W["embed.weight"], o.where(mine, local, 0), 0)
+    return o.act(o.all_reduce(o.where(o.reshape(mine, list(ids.shape) + [1]), o.hp(e), 0.0)))
 
 
 def _positions(o: Ops, start, s: int):
@@ -258,7 +280,7 @@ def forward(o: Ops, W, cfg: ModelConfig, state, ids):
     start = state["start"]
     pos = _positions(o, start, s)
     ropes = rope_tables(o, cfg, pos)
-    e = o.act(o.take(W["embed.weight"], ids, 0))                                  # [B,S,D]
+    e = embed(o, cfg, W, ids)                                                     # [B,S,D]
     h = o.broadcast_to(o.reshape(e, [b, s, 1, cfg.hidden_size]), [b, s, cfg.hc_mult, cfg.hidden_size])
     for layer in range(cfg.num_hidden_layers):
         h = block(o, cfg, W, layer, f"layers.{layer}.", h, ids, state, start, pos, ropes)
@@ -266,19 +288,22 @@ def forward(o: Ops, W, cfg: ModelConfig, state, ids):
     return _head(o, cfg, W, "", h), h
 
 
-def mtp_forward(o: Ops, W, cfg: ModelConfig, state, streams, ids_next):
+def mtp_forward(o: Ops, W, cfg: ModelConfig, state, streams, ids_next, with_streams: bool = False):
     """The MTP block (§7): main streams at positions i plus token i+1 → logits for token i+2.  Updates the
-    MTP block's own `state` (one window-only layer) like `forward`."""
+    MTP block's own `state` (one window-only layer) like `forward`.  `with_streams` also returns the
+    block's output streams [B,S,hc,D], which stand in for the main streams when the block drafts again
+    from its own output (`portable.speculative`)."""
     b, s = ids_next.shape
     start = state["start"]
     pos = _positions(o, start, s)
     ropes = rope_tables(o, cfg, pos)
     eps, dim = cfg.rms_norm_eps, cfg.hidden_size
     p = "mtp.0."
-    e = o.rms_norm(o.act(o.take(W["embed.weight"], ids_next, 0)), W[p + "enorm.weight"], eps)
+    e = o.rms_norm(embed(o, cfg, W, ids_next), W[p + "enorm.weight"], eps)
     z = o.rms_norm(streams, W[p + "hnorm.weight"], eps)
     x = o.linear(z, W[p + "h_proj.weight"]) + o.reshape(o.linear(e, W[p + "e_proj.weight"]), [b, s, 1, dim])
     h = o.act(x)
     h = block(o, cfg, W, cfg.num_hidden_layers, p, h, ids_next, state, start, pos, ropes)
     state.start = start + s
-    return _head(o, cfg, W, p, h)
+    logits = _head(o, cfg, W, p, h)
+    return (logits, h) if with_streams else logits

@@ -16,6 +16,8 @@ Conventions the graph relies on:
   backends select the same entries.
 * Linear weights are whatever the backend's weight loader produced (quantized or dense); only `linear`,
   `grouped_linear`, `dense` and `moe` look inside them.
+* `all_reduce` / `all_gather` join the ranks of a parallel run (`portable.sharding`) through `comm`, the
+  backend's communicator; in one process (`comm` None) they are identities, so no backend need know.
 """
 
 from __future__ import annotations
@@ -62,6 +64,24 @@ class Ops:
     """Abstract op set.  Subclasses implement the primitives; composites have default decompositions."""
 
     name = "abstract"
+    comm = None     # the communicator of a parallel run (`portable.parallel.Comm`); None: one process
+
+    # ------------------------------------------------------------------ collectives (`portable.sharding`)
+    @property
+    def rank(self) -> int:
+        return 0 if self.comm is None else self.comm.rank
+
+    @property
+    def world(self) -> int:
+        return 1 if self.comm is None else self.comm.world
+
+    def all_reduce(self, x):
+        """Σ over ranks of x (every rank gets the same values); one process: x itself."""
+        return x if self.comm is None else self.comm.all_reduce(x)
+
+    def all_gather(self, x, axis):
+        """The ranks' x concatenated along `axis` in rank order; one process: x itself."""
+        return x if self.comm is None else self.comm.all_gather(x, axis)
 
     # ------------------------------------------------------------------ dtype points
     def hp(self, x):
@@ -348,7 +368,8 @@ class Ops:
             # one GEMM over all (query, head) rows, then the head-weighted sum as a batched [1,nh]·[nh,N]
             sc = self.matmul(self.reshape(qh, [b, s * nh, c]), self.transpose(self.hp(keys), (0, 2, 1)))
             sc = self.reshape(self.relu(sc), [b * s, nh, n])
-            score = self.reshape(self.matmul(wh, sc), [b, s, n])                          # [B,S,N]
+            # a rank holds some heads: their weighted sum is summed over ranks before anything is selected
+            score = self.all_reduce(self.reshape(self.matmul(wh, sc), [b, s, n]))       # [B,S,N]
             j = self.reshape(self.arange(n), [1, 1, n])
             scores.append(self.where(j < self.reshape(count, [b, s, 1]), score, NEG_INF))
         allsc = self.concat(scores, -1) if len(scores) > 1 else scores[0]
@@ -378,7 +399,8 @@ class Ops:
         return self.hp(self.linear(self.act(a), w2))
 
     def moe(self, x, idx, wts, experts, limit):
-        """Σ_k wts[:,k]·Expert_{idx[:,k]}(x) over routed experts.  x [N,D], idx/wts [N,k].
+        """Σ_k wts[:,k]·Expert_{idx[:,k]}(x) over routed experts.  x [N,D], idx/wts [N,k]; idx −1 = skip
+        (in a parallel run: an expert another rank holds; ids index `experts`, the rank's own).
 
         `experts` is the backend's expert container; the default indexes it as experts[e] = (w1, w2, w3)
         and runs every expert densely with a zero weight for unrouted tokens (traceable, fine for small E)."""

@@ -166,7 +166,7 @@ class NumpyOps(Ops):
 
     def moe(self, x, idx, wts, experts, limit):
         out = np.zeros(x.shape, dtype=self.dt)
-        for e in np.unique(idx):
+        for e in np.unique(idx[idx >= 0]):             # −1: an expert another rank holds
             rows = np.nonzero((idx == e).any(-1))[0]
             coef = np.where(idx[rows] == e, wts[rows], 0.0).sum(-1)
             out[rows] += self.expert(x[rows], *experts[e], limit, coef=coef)

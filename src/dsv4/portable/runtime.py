@@ -31,7 +31,8 @@ _BUILTIN = {"reference": "dsv4.portable.reference", "mlx": "dsv4.backends.mlx",
             "cuda": "dsv4.backends.cuda", "onnx": "dsv4.backends.onnx"}
 _FACTORIES: dict = {}
 _READS_DIRECTORY: set = set()          # backends whose make_runner takes the model directory
-SYNTHETIC = ("demo", "tiny", "tiny2")      # presets `portable.tiny` builds (random weights)
+SYNTHETIC = ("demo", "demo-random", "tiny", "tiny2")   # presets `portable.tiny` puts in the cache (the
+                                                       # shipped demo unpacked, the others random weights)
 DEFAULT_CONTEXT = 16384
 
 
@@ -73,6 +74,14 @@ class StateRunner:
     def position(self, state) -> int:
         """Tokens already in `state` (the longest sequence of the batch)."""
         return int(np.max(self.ops.to_numpy(state["start"])))
+
+    def settle(self, arrays: list) -> None:
+        """Compute `arrays` now (lazy backends): saved rows must not keep an old buffer alive."""
+
+    def set_start(self, state, start: np.ndarray) -> None:
+        """Set the tokens held per row (a rollback, `portable.speculative`); runners whose captured steps
+        bind the `start` buffer itself write it in place instead."""
+        state.start = self.ops.asarray(np.asarray(start, dtype=np.int64), "int")
 
     def fork(self, state: cache.State) -> cache.State:
         return state.fork(self.ops)
@@ -135,11 +144,16 @@ class GraphRunner(StateRunner):
         logits, streams = graph.forward(o, self.weights, self.cfg, state, o.asarray(ids, "int"))
         return np.asarray(o.to_numpy(logits)), streams
 
-    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray):
+    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False):
+        """MTP logits for main `streams` [B,S,hc,D] and next ids [B,S]; with `with_streams`, (logits, the
+        block's output streams) for drafting again from them."""
         o = self.ops
         self.reserve(state, ids_next.shape[1])
-        logits = graph.mtp_forward(o, self.weights, self.cfg, state, streams, o.asarray(ids_next, "int"))
-        return np.asarray(o.to_numpy(logits))
+        out = graph.mtp_forward(o, self.weights, self.cfg, state, streams, o.asarray(ids_next, "int"),
+                                with_streams)
+        logits, h = out if with_streams else (out, None)
+        logits = np.asarray(o.to_numpy(logits))
+        return (logits, h) if with_streams else logits
 
 class ContextError(ValueError):
     """Input longer than the context this model was loaded with."""
@@ -201,15 +215,46 @@ class Model:
         """A fresh state holding no tokens; its memory grows with the tokens fed, up to `context`."""
         return self.runner.new_state(batch)
 
-    def step(self, state, ids):
+    def step(self, state, ids, with_streams: bool = False):
         """Feed ids [B,S] to `state`, which is updated in place (it is also returned, so `logits, state =
-        model.step(state, ids)` reads naturally); returns (logits [B,S,V] float32, state).  Fork a state
-        first (`fork_state`) to keep the old one."""
+        model.step(state, ids)` reads naturally); returns (logits [B,S,V] float32, state), and the residual
+        streams [B,S,hc,D] the MTP block reads as a third item with `with_streams`.  Fork a state first
+        (`fork_state`) to keep the old one."""
         ids = self.check_ids(ids)
         self.check_length(self.runner.position(state) + ids.shape[1])
         with quiet_numerics():
-            logits, _ = self.runner.step(state, ids)
-        return self.check_finite(logits.astype(np.float32)), state
+            logits, streams = self.runner.step(state, ids)
+        logits = self.check_finite(logits.astype(np.float32))
+        return (logits, state, streams) if with_streams else (logits, state)
+
+    @property
+    def has_mtp(self) -> bool:
+        """Whether this model can run its MTP block: the config has one and the runner carries it (an ONNX
+        export made with `--no-mtp` does not)."""
+        return self.config.num_nextn_predict_layers > 0 and getattr(self.runner, "has_mtp", True)
+
+    @property
+    def default_draft_tokens(self) -> int:
+        """Tokens the MTP block drafts per step when a caller does not say (`portable.speculative`); 0 in
+        a parallel run, whose followers replay runner calls only, while a drafting round also undoes
+        state rows through rank 0's `Ops` directly."""
+        if getattr(self.runner, "world", 1) > 1:
+            return 0
+        from .speculative import default_draft_tokens
+        return default_draft_tokens(self)
+
+    def new_mtp_state(self, batch: int = 1):
+        """A fresh state of the MTP block."""
+        return self.runner.new_mtp_state(batch)
+
+    def mtp_step(self, state, streams, ids_next):
+        """Feed main `streams` [B,S,hc,D] with the next ids [B,S] to the MTP `state` (in place); returns
+        (logits [B,S,V] float32 for the ids after those, the block's output streams or None when the
+        runner cannot return them)."""
+        ids_next = self.check_ids(ids_next)
+        with quiet_numerics():
+            logits, h = self.runner.mtp_step(state, streams, ids_next, with_streams=True)
+        return self.check_finite(logits.astype(np.float32)), h
 
     def fork_state(self, state):
         """An independent copy of `state` (cost proportional to the tokens it holds)."""
@@ -321,14 +366,16 @@ def own_tokenizer(path: Path, cfg: ModelConfig):
     return model_tokenizer(path, cfg.vocab_size)
 
 
-def default_state_format(backend: str, dtype: str) -> str:
-    """"deploy" (FP8/FP4 entries) for bfloat16 runs on the deployment backends, else entries as computed."""
-    return "deploy" if dtype == "bfloat16" and backend in ("mlx", "cuda") else "bf16"
+def default_state_format(backend: str, dtype: str, cfg: ModelConfig | None = None) -> str:
+    """"deploy" (FP8/FP4 entries) for bfloat16 runs on the deployment backends of a config its blocks
+    tile (`cache.deploy_fits`), else entries as computed."""
+    deploy = dtype == "bfloat16" and backend in ("mlx", "cuda") and (cfg is None or cache.deploy_fits(cfg))
+    return "deploy" if deploy else "bf16"
 
 
 def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emulate: bool = False,
          context: int | None = None, validate: bool = True, progress=None, state_format: str | None = None,
-         **backend_options) -> Model:
+         comm=None, **backend_options) -> Model:
     """Load a V4 model (a directory in the official layout, a backend's converted directory or an ONNX
     export; a Hugging Face repo id; or a synthetic preset: `resolve_path`) on a backend.
 
@@ -344,7 +391,12 @@ def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emu
 
     `progress(bytes_read, bytes_total)` is called while a backend copies weights into its own memory (MLX,
     torch); the reference maps the checkpoint and reads each tensor when first used, so it reports
-    nothing at load (nor does the value scan, which reads without keeping anything)."""
+    nothing at load (nor does the value scan, which reads without keeping anything).
+
+    `comm` (a `portable.parallel.Comm` of world > 1) loads one rank of a parallel run: the backend reads
+    only the rank's part of the official-layout checkpoint (`weights.ShardReader`), its `Ops` joins the
+    ranks' collectives, and rank 0's runner broadcasts its calls (`parallel.LeaderRunner`); the other
+    ranks serve them with `parallel.follow(model.runner, comm)`."""
     from .checkpoint import Checkpoint
     make_runner = get_backend(backend)
     path = resolve_path(path_or_preset)
@@ -352,17 +404,29 @@ def load(path_or_preset, backend: str = "reference", dtype: str = "float32", emu
     cfg = ModelConfig.from_file(path)
     ctx = context_for(cfg, context)
     tokenizer = own_tokenizer(path, cfg)
-    fmt = state_format or default_state_format(backend, dtype)
-    cache.check_format(fmt)
+    fmt = state_format or default_state_format(backend, dtype, cfg)
+    cache.check_format(fmt, cfg)
+    parallel = comm is not None and comm.world > 1
+    if parallel and (backend in _READS_DIRECTORY or converted):
+        what = "an ONNX export (ONNX runs in one process)" if backend in _READS_DIRECTORY else "converted"
+        raise BackendError(f"a parallel run reads the official checkpoint layout; {path} is {what}")
     if backend in _READS_DIRECTORY:
         runner = make_runner(cfg, path, dtype=dtype, emulate=emulate, state_format=fmt, **backend_options)
     else:
         ckpt = Checkpoint(path)
         if validate and not converted:
-            ckpt.validate(cfg)
+            ckpt.validate(cfg, values=not parallel or comm.rank == 0)    # one rank scans the values
+        if parallel:
+            from .sharding import shard
+            from .weights import ShardReader
+            ckpt = ShardReader(ckpt, shard(cfg, comm.rank, comm.world))
         ckpt.watch(progress)
         runner = make_runner(cfg, ckpt, dtype=dtype, emulate=emulate, state_format=fmt, **backend_options)
         ckpt.watch(None)
+    if parallel:
+        from .parallel import LeaderRunner
+        runner.ops.comm = comm
+        runner = LeaderRunner(runner, comm) if comm.rank == 0 else runner
     model = Model(cfg, runner, path, backend, dtype, ctx)
     model._tokenizer = tokenizer
     return model

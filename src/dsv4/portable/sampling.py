@@ -160,13 +160,39 @@ class Sampler:
         self.rng = np.random.default_rng(seed if seed is None or stream == 0 else [seed, stream])
         self.counts: dict = {}
 
-    def adjusted(self, logits: np.ndarray, history=(), constraint=None) -> np.ndarray:
-        """The logits the filters see: penalties, logit bias and the constraint's mask applied."""
+    def adjusted(self, logits: np.ndarray, history=(), constraint=None, ahead=()) -> np.ndarray:
+        """The logits the filters see: penalties, logit bias and the constraint's mask applied.  `ahead`:
+        ids generated after those counted so far (drafts being verified), counted as if committed."""
         p = self.params
+        counts = self.counts
+        if len(ahead) and (p.presence_penalty or p.frequency_penalty):
+            counts = dict(counts)
+            for t in ahead:
+                counts[int(t)] = counts.get(int(t), 0) + 1
         x = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), history, p.repetition_penalty)
-        x = apply_penalties(x, self.counts, p.presence_penalty, p.frequency_penalty)
+        x = apply_penalties(x, counts, p.presence_penalty, p.frequency_penalty)
         x = apply_logit_bias(x, p.logit_bias)
         return apply_mask(x, constraint)
+
+    def distribution(self, logits: np.ndarray, history=(), ahead=()) -> np.ndarray:
+        """The distribution the next id is drawn from (float64 over the vocab; one-hot at the argmax when
+        greedy): what speculative decoding compares its drafts with (`portable.speculative`)."""
+        x = self.adjusted(logits, history, None, ahead)
+        if self.params.temperature == 0:
+            probs = np.zeros(x.size)
+            probs[int(np.argmax(x))] = 1.0
+            return probs
+        return filtered_probs(x, self.params)
+
+    def draw(self, probs: np.ndarray) -> int:
+        """An id drawn from `probs` with this sampler's random stream (the argmax of a one-hot)."""
+        if self.params.temperature == 0:
+            return int(np.argmax(probs))
+        return int(self.rng.choice(probs.size, p=probs))
+
+    def commit(self, tok: int) -> None:
+        """Count `tok` as generated (the presence/frequency penalties' history)."""
+        self.counts[tok] = self.counts.get(tok, 0) + 1
 
     def __call__(self, logits: np.ndarray, history=(), constraint=None) -> int:
         x = self.adjusted(logits, history, constraint)
@@ -175,13 +201,16 @@ class Sampler:
         else:
             probs = filtered_probs(x, self.params)
             tok = int(self.rng.choice(probs.size, p=probs))
-        self.counts[tok] = self.counts.get(tok, 0) + 1
+        self.commit(tok)
         return tok
 
-    def token(self, logits: np.ndarray, history=(), constraint=None, top_logprobs: int = 0) -> Token:
-        """Sample the next id and report it with its logprob (and the `top_logprobs` likeliest ids)."""
-        tok = self(logits, history, constraint)
+    def report(self, tok: int, logits: np.ndarray, top_logprobs: int = 0) -> Token:
+        """`tok` with its logprob under the raw `logits` (and the `top_logprobs` likeliest ids)."""
         lp = log_softmax(np.asarray(logits, dtype=np.float64))
         order = np.argsort(-lp, kind="stable")[:top_logprobs] if top_logprobs else []
         top = [(int(i), float(lp[i])) for i in order]
         return Token(tok, float(lp[tok]), top)
+
+    def token(self, logits: np.ndarray, history=(), constraint=None, top_logprobs: int = 0) -> Token:
+        """Sample the next id and report it with its logprob (and the `top_logprobs` likeliest ids)."""
+        return self.report(self(logits, history, constraint), logits, top_logprobs)

@@ -6,6 +6,9 @@ of one layer).  `WeightStore` answers both from `checkpoint.weight_schema(cfg)`:
 (how a quantized linear, a float tensor, an id table become its own objects, and how one layer's experts
 are stacked).  Nothing re-derives from tensor names what a tensor is, and expert counts come from the schema.
 
+In a parallel run the store reads through a `ShardReader` (one rank's view of the checkpoint) and so
+holds that rank's parts only (`portable.sharding`); `expert_ids` says which routed experts its banks hold.
+
 `Holding` is how a backend holds each role in memory; `held_bytes` turns it into the weight bytes of a
 model from the schema alone, which is what memory estimates use (`dsv4 info`, the CLI's check before
 loading) without loading — or importing — the backend.  The built-in backends' holdings are declared in
@@ -17,8 +20,49 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .checkpoint import EXPERT_PROJ, EXPERTS, FP32, LINEAR, NP_DTYPE, TABLE, SchemaEntry, weight_schema
+import numpy as np
+
+from .checkpoint import (EXPERT_PROJ, EXPERTS, FP32, LINEAR, NP_DTYPE, TABLE, Checkpoint, CheckpointError,
+                         SchemaEntry, weight_schema)
 from .config import ModelConfig
+from .sharding import RankShard
+
+
+class ShardReader(Checkpoint):
+    """One rank's view of a `Checkpoint` in a parallel run: a split tensor reads as the rank's part (its
+    spec has the part's shape; its bytes are copied with positional reads of that part alone), a
+    replicated one as the whole memory-mapped tensor, and another rank's routed expert is refused.  A
+    backend's weight store reads through it unchanged (`quant_weight`, `array`, `table` are the
+    checkpoint's own, over these `spec`/`raw`), so FP8/FP4 parts stay quantized."""
+
+    def __init__(self, ckpt: Checkpoint, shard: RankShard):
+        vars(self).update(vars(ckpt))            # the same files, maps and entries
+        self.shard = shard
+
+    def _part(self, name: str):
+        full = super().spec(name)
+        if ".experts." in name and not self.shard.holds_expert(name):
+            raise CheckpointError(f"tensor {name!r} belongs to another rank (rank {self.shard.rank} holds "
+                                  f"experts {self.shard.experts.start}..{self.shard.experts.stop - 1})")
+        return full, self.shard.part(name, full.shape)
+
+    def spec(self, name: str):
+        full, part = self._part(name)
+        return full if part is None else self.shard.spec(full)
+
+    def raw(self, name: str) -> np.ndarray:
+        full, part = self._part(name)
+        return super().raw(name) if part is None else self.read_part(name, part.axis, part.start, part.stop)
+
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        full, part = self._part(name)
+        if part is None:
+            return super().read(name, out)
+        data = self.read_part(name, part.axis, part.start, part.stop)
+        if out is None:
+            return data
+        out[...] = data
+        return out
 
 
 class WeightStore:
@@ -29,7 +73,13 @@ class WeightStore:
     def __init__(self, cfg: ModelConfig, ckpt):
         self.cfg, self.ckpt = cfg, ckpt
         self.schema = weight_schema(cfg)
+        self.shard = ckpt.shard if isinstance(ckpt, ShardReader) else None     # a parallel run's rank
         self._cache: dict = {}
+
+    def expert_ids(self, entry: SchemaEntry) -> range:
+        """The routed experts of `entry` this store holds (all of them, or a parallel rank's part), in
+        bank order: bank slot i is expert expert_ids[i]."""
+        return range(entry.experts) if self.shard is None else self.shard.experts
 
     def _entry(self, name: str, bank: bool) -> SchemaEntry:
         entry = self.schema.get(name)
@@ -87,7 +137,7 @@ class WeightStore:
 
     def bank(self, entry: SchemaEntry):
         """The `entry.experts` routed experts under `entry.name`."""
-        return [tuple(self.linear(f"{entry.name}{e}.{p}") for p in EXPERT_PROJ) for e in range(entry.experts)]
+        return [tuple(self.linear(f"{entry.name}{e}.{p}") for p in EXPERT_PROJ) for e in self.expert_ids(entry)]
 
 
 # ---------------------------------------------------------------------- memory

@@ -163,6 +163,20 @@ def test_missing_manifest_and_graph(export_copy):
         dsv4.load(export_copy, backend="onnx", context=CONTEXT)
 
 
+def test_an_export_of_another_format_version_names_the_re_export_command(export_copy, tiny_dir):
+    p = export_copy / "manifest.json"
+    m = json.loads(p.read_text())
+    p.write_text(json.dumps({**m, "version": 2}))
+    with pytest.raises(ExportError) as e:
+        dsv4.load(export_copy, backend="onnx", context=CONTEXT)
+    assert str(e.value) == (f"{export_copy} is a 'dsv4-onnx' export of version 2; this dsv4 reads version 3: "
+                            f"re-export it with `dsv4 export onnx {tiny_dir.resolve()} NEW_DIR`")
+    del m["source"]
+    p.write_text(json.dumps({**m, "version": 2}))
+    with pytest.raises(ExportError, match="re-export it with `dsv4 export onnx CHECKPOINT_DIR NEW_DIR`"):
+        dsv4.load(export_copy, backend="onnx", context=CONTEXT)
+
+
 def test_corrupt_graph_file(export_copy):
     (export_copy / "model.onnx").write_bytes(b"not a protobuf")
     with pytest.raises(ExportError, match="onnxruntime cannot load this graph"):

@@ -2,8 +2,9 @@
 configured as `dsv4 serve` configures it (`uvicorn_config`: the header deadline).
 
 Two models back them:
-* `demo_model`: the V4 architecture at tiny sizes with the real tokenizer and random weights, on the
-  NumPy reference backend; exercises the whole compute path (prefill, batched decode, prefix cache).
+* `demo_model`: the `demo-random` preset (the V4 architecture at tiny sizes with the real tokenizer and
+  random weights) on the NumPy reference backend; exercises the whole compute path (prefill, batched
+  decode, prefix cache).
 * `ScriptedModel`: a stand-in with the same interface whose logits spell out a scripted completion
   at given positions.  Random weights almost never write a tool call, so this is how the real
   tokenizer → detokenizer → parser → serializer path is driven through reasoning, content and DSML.

@@ -180,8 +180,13 @@ class TorchOps(Ops):
         return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
 
     def write_rows(self, buf, idx, rows):
-        """buf[b, idx[b,m]] = rows[b,m], in place (duplicate indices only ever hit the spill row)."""
-        buf[torch.arange(buf.shape[0], device=buf.device)[:, None], idx] = rows.to(buf.dtype)
+        """buf[b, idx[b,m]] = rows[b,m], in place (duplicate indices only ever hit the spill row).  While
+        autograd records rows that need a gradient (training, `tools/train_demo.py`), the update is out of
+        place instead: backward needs the buffer as it was read before the write."""
+        at = (torch.arange(buf.shape[0], device=buf.device)[:, None], idx)
+        if rows.requires_grad and torch.is_grad_enabled():
+            return buf.index_put(at, rows.to(buf.dtype))
+        buf[at] = rows.to(buf.dtype)
         return buf
 
     def copy(self, x):
@@ -285,20 +290,23 @@ class TorchOps(Ops):
         return self.act(self.k.sink_attention(q, segments, sink, scale, self.bf16_dot))
 
     def indexer_topk(self, qi, w, segments, k):
+        if not self.kernels or self.world > 1:        # the kernel selects before ranks could sum their heads
+            return super().indexer_topk(qi, w, segments, k)
         if not self.kernels:
             return super().indexer_topk(qi, w, segments, k)
         return self.k.indexer_topk(qi, w, segments, k)   # fp32 dots: qi is not bf16-rounded
 
     def moe(self, x, idx, wts, experts, limit):
         if self.kernels and isinstance(experts, ExpertBank):
-            return self._moe_kernel(x, idx, wts, experts, limit)
+            skip = idx < 0               # another rank's expert: routed to slot 0 with a zero weight
+            return self._moe_kernel(x, torch.where(skip, 0, idx), torch.where(skip, 0.0, wts), experts, limit)
         if self.device.type != "cpu":
             return super().moe(x, idx, wts, experts, limit)
         # CPU: run only the routed experts, on only their tokens.  Same sum as the dense decomposition (an
         # unrouted expert contributes an exact zero), in the same ascending expert order; a host-side loop
         # is fine here because the CPU path is never captured into a graph.
         out = torch.zeros(x.shape, dtype=self.dt, device=x.device)
-        for e in torch.unique(idx).tolist():
+        for e in torch.unique(idx[idx >= 0]).tolist():       # −1: an expert another rank holds
             hit = (idx == e)
             rows = torch.nonzero(hit.any(-1)).flatten()
             coef = torch.sum(torch.where(hit[rows], wts[rows], 0.0), -1)

@@ -7,12 +7,14 @@ A step updates its state in place (`graph.forward` writes only the new rows of e
 `TorchOps.write_rows`); `fork` gives an independent copy for callers that need the old state again.
 Each buffer keeps the storage dtype it was created with (`TorchOps.state_buffer`).
 
-Decode (one token per sequence) on a CUDA device replays a captured CUDA graph: the whole
-`graph.forward` — every kernel launch of every layer — becomes one launch, which is what makes small-batch
-decode fast.  A graph reads and writes fixed addresses, and those addresses are the state's own buffers:
+Decode (one token per sequence, or the [B, k+1] verify step of speculative decoding: up to
+`CAPTURED_TOKENS` tokens) on a CUDA device replays a captured CUDA graph: the whole `graph.forward` — every
+kernel launch of every layer — becomes one launch, which is what makes small-batch decode fast.  A graph
+reads and writes fixed addresses, and those addresses are the state's own buffers:
 
-* a graph is captured for one state's buffers (so for its batch, format and capacity bucket) and replayed
-  only while that state still holds exactly those tensors; nothing is copied in or out per step;
+* a graph is captured for one state's buffers (so for its batch, format and capacity bucket) and one step
+  length, and replayed only while that state still holds exactly those tensors; nothing is copied in or
+  out per step (a speculative rollback writes `start` in place, `set_start`, so it keeps the binding);
 * the step's writes land in the buffers directly; the one value the forward re-binds instead of writing
   in place (`start`, advanced by the chunk length) is copied back into the captured tensor at the end of
   the graph, so the state's buffer objects never change;
@@ -39,15 +41,17 @@ from ...portable.runtime import GraphRunner
 from .ops import TorchOps
 from .weights import TorchWeights
 
+CAPTURED_TOKENS = 8         # decode and verify steps (k + 1 ≤ 8: `speculative.MAX_DRAFT`)
+
 
 class _DecodeGraph:
     """One captured decode step whose static buffers are one state's buffers."""
 
-    def __init__(self, runner: "CudaRunner", state: cache.State, warmup: int = 2):
+    def __init__(self, runner: "CudaRunner", state: cache.State, tokens: int = 1, warmup: int = 2):
         o, w, cfg = runner.ops, runner.weights, runner.cfg
         self.state = weakref.ref(state)
         self.buffers = dict(state.buffers)         # the tensors the graph reads and writes
-        self.ids = torch.zeros((state.batch, 1), dtype=torch.int64, device=o.device)
+        self.ids = torch.zeros((state.batch, tokens), dtype=torch.int64, device=o.device)
         with o.static_shapes():
             scratch = state.fork(o)                # warm-up steps must not advance the state itself
             side = torch.cuda.Stream()
@@ -93,26 +97,31 @@ class CudaRunner(GraphRunner):
         self.prefill_chunk = prefill_chunk
         self.cuda_graphs = cuda_graphs and ops.device.type == "cuda"
         self.max_graphs = max_graphs
-        self._graphs: OrderedDict = OrderedDict()      # id(state) → _DecodeGraph, least recently used first
+        self._graphs: OrderedDict = OrderedDict()      # (id(state), tokens) → _DecodeGraph, LRU first
 
-    def _graph_for(self, state: cache.State) -> _DecodeGraph:
+    def _graph_for(self, state: cache.State, tokens: int) -> _DecodeGraph:
         for key in [k for k, g in self._graphs.items() if not g.live()]:
             del self._graphs[key]                      # resized or dropped states: release their buffers
-        g = self._graphs.get(id(state))
+        key = (id(state), tokens)
+        g = self._graphs.get(key)
         if g is None or not g.binds(state):
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.popitem(last=False)
-            g = self._graphs[id(state)] = _DecodeGraph(self, state)
-        self._graphs.move_to_end(id(state))
+            g = self._graphs[key] = _DecodeGraph(self, state, tokens)
+        self._graphs.move_to_end(key)
         return g
+
+    def set_start(self, state: cache.State, start: np.ndarray) -> None:
+        """In place: a captured graph is bound to the `start` tensor itself."""
+        state.start.copy_(torch.as_tensor(np.asarray(start), dtype=state.start.dtype))
 
     def step(self, state: cache.State, ids: np.ndarray):
         o = self.ops
         ids = np.asarray(ids, dtype=np.int64)
         with torch.no_grad():
             self.reserve(state, ids.shape[1])
-            if ids.shape[1] == 1 and self.cuda_graphs:
-                logits, streams = self._graph_for(state).run(ids)
+            if ids.shape[1] <= CAPTURED_TOKENS and self.cuda_graphs:
+                logits, streams = self._graph_for(state, ids.shape[1]).run(ids)
                 return o.to_numpy(logits).copy(), streams.clone()
             outs, all_streams = [], []
             for a in range(0, ids.shape[1], self.prefill_chunk):
@@ -123,9 +132,9 @@ class CudaRunner(GraphRunner):
             streams = all_streams[0] if len(all_streams) == 1 else torch.cat(all_streams, 1)
             return np.concatenate(outs, 1), streams
 
-    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray):
+    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False):
         with torch.no_grad():
-            return super().mtp_step(state, streams, ids_next)
+            return super().mtp_step(state, streams, ids_next, with_streams)
 
     def fork(self, state: cache.State) -> cache.State:
         with torch.no_grad():

@@ -110,6 +110,7 @@ class TorchWeights(WeightStore):
         return torch.as_tensor(self.ids(name), device=self.device)
 
     def bank(self, entry):
-        banks = [_stack([self.ckpt.quant_weight(f"{entry.name}{e}.{w}") for e in range(entry.experts)], self.device)
+        held = self.expert_ids(entry)
+        banks = [_stack([self.ckpt.quant_weight(f"{entry.name}{e}.{w}") for e in held], self.device)
                  for w in EXPERT_PROJ]
-        return ExpertBank(*banks, entry.experts)
+        return ExpertBank(*banks, len(held))

@@ -286,6 +286,9 @@ class MlxOps(Ops):
         here it computes in float32, which also keeps MLX's CPU `gather_mm` (float32-only) usable."""
         if not isinstance(experts, ExpertBank):
             return super().moe(x, idx, wts, experts, limit)
+        if self.world > 1:               # another rank's expert (−1): slot 0 with a zero weight
+            skip = idx < 0
+            idx, wts = mx.where(skip, 0, idx), mx.where(skip, 0.0, wts)
         n, d = x.shape
         k = idx.shape[1]
         if not self.sort_experts or n * k < SORT_PAIRS:

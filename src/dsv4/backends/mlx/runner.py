@@ -1,14 +1,16 @@
-"""The MLX runner: the portable graph on `MlxOps`, a compiled single-token step per capacity bucket,
-chunked eager prefill, states updated in place.
+"""The MLX runner: the portable graph on `MlxOps`, compiled short steps per capacity bucket, chunked eager
+prefill, states updated in place.
 
 Why this split (gpt-fast's recipe): a decode step's shapes depend only on (batch, capacity) — positions and
 counts come from `state["start"]` — so one `mx.compile` trace per capacity bucket is replayed for every
 token until the state grows into the next bucket, which removes the Python dispatch of a few thousand small
 ops per token (by default on GPU devices only; see `make_runner` for why not on MLX's CPU backend).  The
-compiled function takes the flat state buffers and the ids and returns the logits, the streams and the new
-buffers.  Prefill runs the same graph eagerly in chunks of `prefill_chunk` tokens: its cost is in the big
-matmuls, eager reads trim the entry buffers to the visible rows, and each distinct chunk length would
-otherwise cost a fresh trace.  Each chunk is evaluated before the next one is built, which bounds MLX's
+same holds for the short steps of speculative decoding (a [B, k+1] verify, the MTP block's catch-up):
+steps of up to `COMPILED_TOKENS` tokens run compiled, one trace per (bucket, batch, length), replayed
+every round.  The compiled function takes the flat state buffers and the ids and returns the logits, the
+streams and the new buffers.  Prefill runs the same graph eagerly in chunks of `prefill_chunk` tokens: its
+cost is in the big matmuls, eager reads trim the entry buffers to the visible rows, and each distinct
+chunk length would otherwise cost a fresh trace.  Each chunk is evaluated before the next one is built, which bounds MLX's
 lazy graph and the memory of intermediate activations.
 
 In place: the runner hands the old buffers to the graph and keeps no reference to them, so MLX donates
@@ -28,6 +30,8 @@ from dsv4.portable.runtime import GraphRunner
 from .ops import MlxOps, on_cpu
 from .weights import CheckpointWeights, ConvertedWeights, converted_format
 
+COMPILED_TOKENS = 8            # decode, verify (k + 1 ≤ 8: `speculative.MAX_DRAFT`) and MTP catch-up steps
+
 
 class MlxRunner(GraphRunner):
     def __init__(self, cfg, ops: MlxOps, weights, state_format: str = "bf16", prefill_chunk: int = 512,
@@ -46,11 +50,12 @@ class MlxRunner(GraphRunner):
         o._reads = None
         if streams is None:
             return graph.forward(o, self.weights, self.cfg, state, ids)
-        return graph.mtp_forward(o, self.weights, self.cfg, state, streams, ids), None
+        return graph.mtp_forward(o, self.weights, self.cfg, state, streams, ids, with_streams=True)
 
     def _compiled_step(self, mtp: bool, capacity: int):
-        """The compiled single-token step for one capacity bucket and the buffer names it takes, in
-        `state_spec` order: (ids, [streams], *buffers) → (logits, streams, *new buffers)."""
+        """The compiled short step for one capacity bucket (MLX traces it once per input shape) and the
+        buffer names it takes, in `state_spec` order: (ids, [streams], *buffers) → (logits, streams,
+        *new buffers)."""
         key = (mtp, capacity)
         if key not in self._compiled:
             fmt, cfg = self.state_format, self.cfg
@@ -62,7 +67,7 @@ class MlxRunner(GraphRunner):
                 state = cache.State(cfg, dict(zip(names, bufs)), capacity, fmt, mtp)
                 with self._tracing():
                     logits, h = self._graph(state, ids, streams)
-                return (logits, logits if h is None else h) + tuple(state.buffers[n] for n in names)
+                return (logits, h) + tuple(state.buffers[n] for n in names)
 
             self._compiled[key] = (mx.compile(step), names)
         return self._compiled[key]
@@ -77,22 +82,25 @@ class MlxRunner(GraphRunner):
 
     def _prefill(self, tokens: int):
         """A multi-token step holds dense weight copies for all its chunks on the CPU (`MlxOps.dense_run`)."""
-        return self.ops.dense_run() if tokens > 1 else nullcontext()
+        return self.ops.dense_run() if tokens > (COMPILED_TOKENS if self.compile else 1) else nullcontext()
 
     def _chunk(self, state: cache.State, ids: mx.array, streams=None):
         """Run one chunk on `state` (updated in place) and evaluate it; returns (logits, streams)."""
-        if self.compile and ids.shape[1] == 1:
+        if self.compile and ids.shape[1] <= COMPILED_TOKENS:
             fn, names = self._compiled_step(streams is not None, state.capacity)
             args = [ids] + ([] if streams is None else [streams]) + [state.buffers.pop(n) for n in names]
             out = fn(*args)
             del args                                   # the old buffers live on only in the graph (donated)
-            logits, h = out[0], (None if streams is not None else out[1])
+            logits, h = out[0], out[1]
             state.buffers.update(zip(names, out[2:]))
         else:
             logits, h = self._graph(state, ids, streams)
             self.ops._reads = None
-        mx.eval(logits, *([] if h is None else [h]), *state.buffers.values())
+        mx.eval(logits, h, *state.buffers.values())
         return logits, h
+
+    def settle(self, arrays: list) -> None:
+        mx.eval(*arrays)
 
     # ------------------------------------------------------------------ runner contract
     def step(self, state: cache.State, ids: np.ndarray):
@@ -108,15 +116,17 @@ class MlxRunner(GraphRunner):
         h = streams[0] if len(streams) == 1 else mx.concatenate(streams, 1)
         return self.ops.to_numpy(lg), h
 
-    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray):
+    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False):
         ids = np.asarray(ids_next)
         self.reserve(state, ids.shape[1])
-        n, logits = self.prefill_chunk, []
+        n, logits, hs = self.prefill_chunk, [], []
         with self._prefill(ids.shape[1]):
             for a in range(0, ids.shape[1], n):
-                lg, _ = self._chunk(state, mx.array(ids[:, a:a + n].astype(np.int32)), streams[:, a:a + n])
+                lg, h = self._chunk(state, mx.array(ids[:, a:a + n].astype(np.int32)), streams[:, a:a + n])
                 logits.append(lg)
-        return self.ops.to_numpy(logits[0] if len(logits) == 1 else mx.concatenate(logits, 1))
+                hs.append(h)
+        lg = self.ops.to_numpy(logits[0] if len(logits) == 1 else mx.concatenate(logits, 1))
+        return (lg, hs[0] if len(hs) == 1 else mx.concatenate(hs, 1)) if with_streams else lg
 
 
 def make_runner(cfg, ckpt, dtype: str = "float32", emulate: bool = False, state_format: str = "bf16",

@@ -96,10 +96,14 @@ class TensorReader:
         return arr.view(mx.bfloat16) if spec.dtype == "BF16" else arr
 
     def quant_weight(self, prefix: str) -> quant.QuantWeight:
-        """`Checkpoint.quant_weight` (format checks included) with its data read rather than mapped."""
+        """`Checkpoint.quant_weight` (format checks included) with its data read rather than mapped (a
+        parallel rank's part of a split weight is already a read copy: `weights.ShardReader`)."""
         qw = self.ckpt.quant_weight(prefix)
-        scale = None if qw.scale is None else self.read(prefix + ".scale")
-        return replace(qw, data=self.read(prefix + ".weight"), scale=scale)
+
+        def own(name, arr):
+            return self.read(name) if isinstance(arr, np.memmap) else arr
+        scale = None if qw.scale is None else own(prefix + ".scale", qw.scale)
+        return replace(qw, data=own(prefix + ".weight", qw.data), scale=scale)
 
 
 class CheckpointWeights(WeightStore):
@@ -131,11 +135,14 @@ class CheckpointWeights(WeightStore):
         return _evaluated(mx.array(self.ids(name).astype(np.int32)))
 
     def bank(self, entry) -> ExpertBank:
-        return ExpertBank(**{p: self.projection(entry.name, p, entry.experts) for p in EXPERT_PROJ})
+        return ExpertBank(**{p: self.projection(entry.name, p, self.expert_ids(entry)) for p in EXPERT_PROJ})
 
-    def projection(self, prefix: str, proj: str, n: int) -> QLinear:
-        """One projection of the `n` routed experts under `prefix`, stacked to [n, out, in]."""
-        names = [f"{prefix}{e}.{proj}" for e in range(n)]
+    def projection(self, prefix: str, proj: str, experts: int | range) -> QLinear:
+        """One projection of the routed experts under `prefix` (the first `experts`, or those of a range),
+        stacked to [n, out, in]."""
+        held = range(experts) if isinstance(experts, int) else experts
+        n = len(held)
+        names = [f"{prefix}{e}.{proj}" for e in held]
         w, s = self.ckpt.spec(names[0] + ".weight"), self.ckpt.spec(names[0] + ".scale")
         if w.dtype == "I8" and s.dtype == "F8_E8M0" and self.q_mode == "mxfp4":
             # FP4 stays mxfp4 whatever `bits` is: read the codes and scales straight into the stacked

@@ -10,9 +10,11 @@ The state is a `cache.State` over float32/int64 NumPy buffers (`NumpyOps` storag
 through the capacity buckets), stack and split the same way.
 Entries are stored as computed ("bf16" format); the deploy format is refused at load.
 
-Everything that can be wrong with an export directory is checked before onnxruntime sees it (missing
-manifest, graph or weight data, a data file of the wrong size, a config.json that differs from the
-exported one), because onnxruntime's own errors for these name internal tensors, not the fix.
+Everything that can be wrong with an export directory is checked before onnxruntime sees it (a missing
+manifest or one of another format version — with the command that re-exports it —, missing graph or
+weight data, a data file of the wrong size, a config.json that differs from the exported one), because
+onnxruntime's own errors for these name internal tensors, not the fix.  The weight mode (quantized or
+dense) is the graph's business: the runner drives every export the same way.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class OnnxRunner(StateRunner):
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # No spin-waiting: speculative decoding runs the main and MTP sessions in turn, and a session's
+        # intra-op threads spinning after its run took the cores from the other (measured on 2 shared
+        # cores: a round 2-3x slower; plain decode itself 2x faster without it there).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = list(providers or default_providers())
         self._graphs = m["graphs"]
         self._sessions = {name: self._open(g["file"], opts) for name, g in self._graphs.items()}
@@ -76,6 +82,10 @@ class OnnxRunner(StateRunner):
 
     def new_state(self, batch: int, capacity: int = 0) -> cache.State:
         return self._new(batch, capacity, mtp=False)
+
+    @property
+    def has_mtp(self) -> bool:
+        return "mtp" in self._graphs
 
     def new_mtp_state(self, batch: int, capacity: int = 0) -> cache.State:
         if "mtp" not in self._graphs:
@@ -108,14 +118,16 @@ class OnnxRunner(StateRunner):
         out = self._run("main", state, {"ids": np.ascontiguousarray(ids, dtype=np.int64)})
         return out["logits"], out.get("streams")
 
-    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray):
+    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False):
+        """The export's MTP graph; with `with_streams` also its output streams, which chained drafts
+        read (`portable.speculative.draft`)."""
         if "mtp" not in self._graphs:
             raise ExportError(f"{self.dir} was exported without the MTP block (export with mtp=True)")
         if streams is None:
             raise ExportError("the main graph returned no hidden streams; this export has no MTP block")
         self.reserve(state, ids_next.shape[1])
-        return self._run("mtp", state, {"ids": np.ascontiguousarray(ids_next, dtype=np.int64),
-                                        "streams": streams})["logits"]
+        out = self._run("mtp", state, {"ids": np.ascontiguousarray(ids_next, dtype=np.int64), "streams": streams})
+        return (out["logits"], out["streams"]) if with_streams else out["logits"]
 
 
 def make_runner(cfg, path, dtype: str = "float32", emulate: bool = False, state_format: str = "bf16",

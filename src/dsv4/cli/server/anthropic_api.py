@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from dsv4.portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent, from_anthropic
 
 from .errors import anthropic_error_body, bad_request
-from .fields import Body, sampling_params
+from .fields import Body, draft_tokens, sampling_params
 from .generation import Done, GenParams, Generation, output_constraint
 from .metrics import observe
 from .sse import EventStream, sse
@@ -66,7 +66,8 @@ async def messages(state, request):
     stop = body.strings("stop_sequences", max_items=16)
     enc, prompt = await _encode(body, state)
     params = GenParams(state.budget(len(prompt), max_tokens, "max_tokens"), sampling, stop,
-                       constraint=await output_constraint(state.engine, state.tokenizer, enc))
+                       constraint=await output_constraint(state.engine, state.tokenizer, enc),
+                       draft_tokens=draft_tokens(body, state.engine.model))
     gen = Generation(state.engine, state.tokenizer, prompt, params, enc.thinking_mode)
     head = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
             "model": state.model_name}
@@ -88,7 +89,8 @@ async def messages(state, request):
             done = ev
     if done.finish == "error":
         raise done.failure()
-    usage = {**_input_usage(done.prompt_tokens, done.cached_tokens), "output_tokens": done.completion_tokens}
+    usage = {**_input_usage(done.prompt_tokens, done.cached_tokens), "output_tokens": done.completion_tokens,
+             **done.speculative()}
     return JSONResponse({**head, "content": blocks, "stop_reason": _stop_reason(done),
                          "stop_sequence": done.stop_sequence, "usage": usage})
 
@@ -146,7 +148,8 @@ async def _stream(gen, head):
                 frames.append(sse({"type": "message_delta",
                                    "delta": {"stop_reason": _stop_reason(ev), "stop_sequence": ev.stop_sequence},
                                    "usage": {**_input_usage(ev.prompt_tokens, ev.cached_tokens),
-                                             "output_tokens": ev.completion_tokens}}, "message_delta"))
+                                             "output_tokens": ev.completion_tokens, **ev.speculative()}},
+                                  "message_delta"))
                 frames.append(sse({"type": "message_stop"}, "message_stop"))
         for frame in frames:
             yield frame

@@ -160,7 +160,7 @@ def _guard(state: ServerState, handler, auth: bool = True):
 def build_app(model, model_name: str = "demo", api_key: str | None = None, max_queue: int = 64,
               max_batch: int = 8, prefill_chunk: int = 256, cache_size: int = 8, max_body: int | None = None,
               read_timeout: float = 20.0, allowed_hosts=LOOPBACK_NAMES, default_mode: str = "chat",
-              allowed_origins=(), prompt_store=None) -> FastAPI:
+              allowed_origins=(), prompt_store=None, draft_tokens: int | None = None) -> FastAPI:
     """An ASGI app serving `model`; the scheduler starts with the app and stops with it.
 
     max_body: the largest request body in bytes (None: `intake.default_max_body` of the context);
@@ -169,9 +169,11 @@ def build_app(model, model_name: str = "demo", api_key: str | None = None, max_q
     accepted ("*": any); default_mode: how OpenAI requests that say nothing about thinking are answered
     (chat, thinking or max; Anthropic requests follow Anthropic's default, no thinking);
     allowed_origins: the web origins granted CORS ("*": any; none by default); prompt_store: a
-    `portable.prompt_store.StateStore`, the prompt cache's tier on disk that survives restarts."""
+    `portable.prompt_store.StateStore`, the prompt cache's tier on disk that survives restarts;
+    draft_tokens: MTP drafts per decode step for requests that do not say (None: the model's default)."""
     engine = Engine(model, max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk,
-                    cache=PrefixCache(cache_size, disk=prompt_store) if cache_size or prompt_store else None)
+                    cache=PrefixCache(cache_size, disk=prompt_store) if cache_size or prompt_store else None,
+                    draft_tokens=draft_tokens)
     limits = Limits(default_max_body(model.context) if max_body is None else max_body, read_timeout,
                     tuple(allowed_hosts))
     state = ServerState(engine, model.tokenizer, model_name, model.context,

@@ -157,6 +157,19 @@ def logit_bias(body: Body, vocab_size: int) -> tuple:
     return tuple(pairs)
 
 
+def draft_tokens(body: Body, model) -> int | None:
+    """The extension field `draft_tokens` (MTP drafts per decode step; absent: the server's default),
+    refused where `speculative.check_draft_tokens` refuses it."""
+    from dsv4.portable.speculative import MAX_DRAFT, check_draft_tokens
+    value = body.integer("draft_tokens", None, 0, MAX_DRAFT)
+    if value is None:
+        return None
+    try:
+        return check_draft_tokens(value, model, "'draft_tokens'")
+    except ValueError as e:
+        raise bad_request(str(e), "draft_tokens") from None
+
+
 def sampling_params(body: Body, max_temperature: float, vocab_size: int | None = None) -> SamplingParams:
     """Sampler settings shared by all endpoints (top_k/min_p/repetition_penalty are the common
     open-source extensions; presence/frequency penalties follow OpenAI; `logit_bias` is read where the

@@ -31,6 +31,7 @@ class GenParams:
     top_logprobs: int | None = None   # None: logprobs not requested
     n: int = 1                        # choices (`Generation.choices`)
     constraint: object = None         # masks and ends the output (see `portable.sampling`)
+    draft_tokens: int | None = None   # MTP drafts per step (None: the server's default)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,14 @@ class TokenInfo:
     id: int
     logprob: float
     top: list
+
+
+def speculative_usage(drafted: int, accepted: int) -> dict:
+    """The usage extension field of speculative decoding, the same in every API's usage object:
+    {"speculative": {"drafted_tokens", "accepted_tokens"}}, or nothing when no token was drafted."""
+    if not drafted:
+        return {}
+    return {"speculative": {"drafted_tokens": drafted, "accepted_tokens": accepted}}
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,11 @@ class Done:
     error: str | None = None
     prefill_s: float = 0.0            # arrival to the first token
     decode_s: float = 0.0             # first token to the last
+    drafted: int = 0                  # speculative decoding: tokens drafted, and kept
+    accepted: int = 0
+
+    def speculative(self) -> dict:
+        return speculative_usage(self.drafted, self.accepted)
 
     def failure(self) -> APIError:
         """What a client is told of a failed generation ("error"), in every API's body or stream."""
@@ -90,7 +104,8 @@ class Generation:
         constraint = params.constraint.fork() if index and params.constraint is not None else params.constraint
         self.job = Job(prompt=list(prompt), max_tokens=params.max_tokens, emit=emit, sampling=params.sampling,
                        stop_ids=frozenset({tokenizer.eos_id}), top_logprobs=params.top_logprobs or 0,
-                       constraint=constraint, index=index, forks=[g.job for g in forks])
+                       constraint=constraint, index=index, forks=[g.job for g in forks],
+                       draft_tokens=params.draft_tokens)
         self._text_stream = TextStream(tokenizer, params.stop, mode)
         self.parser = self._text_stream.parser
         if index:
@@ -159,7 +174,8 @@ class Generation:
         now = time.perf_counter()
         first = self.job.first_token_at if self.job.first_token_at is not None else now
         return Done(finish, len(self.job.prompt), count, self.job.cached_tokens, calls, **kw,
-                    prefill_s=first - self.job.submitted_at, decode_s=now - first)
+                    prefill_s=first - self.job.submitted_at, decode_s=now - first,
+                    drafted=self.job.drafted, accepted=self.job.accepted)
 
 
 async def merge(streams):

@@ -24,8 +24,9 @@ from fastapi.responses import JSONResponse
 from dsv4.portable.encoding import ContentDelta, ReasoningDelta, ToolCallEvent
 
 from .errors import bad_request, openai_error_body
-from .fields import Body, sampling_params
-from .generation import Done, GenParams, Generation, TokenInfo, gather, merge, output_constraint
+from .fields import Body, draft_tokens, sampling_params
+from .generation import (Done, GenParams, Generation, TokenInfo, gather, merge, output_constraint,
+                         speculative_usage)
 from .metrics import observe
 from .sse import EventStream, sse
 
@@ -37,7 +38,8 @@ def _usage(*dones: Done) -> dict:
     """Usage of a request's choices: their shared prompt once, their completion tokens summed."""
     prompt, completion = dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": dones[0].cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": dones[0].cached_tokens},
+            **speculative_usage(sum(d.drafted for d in dones), sum(d.accepted for d in dones))}
 
 
 def _finish_reason(done: Done) -> str:
@@ -110,7 +112,8 @@ async def chat_completions(state, request):
     include_usage = _include_usage(body, stream)
     prompt = await state.encode(enc)
     params = GenParams(_max_tokens(body, state, len(prompt), None), params_sampling, stop, top, n=_choices(body),
-                       constraint=await output_constraint(state.engine, state.tokenizer, enc))
+                       constraint=await output_constraint(state.engine, state.tokenizer, enc),
+                       draft_tokens=draft_tokens(body, state.engine.model))
     gens = Generation.choices(state.engine, state.tokenizer, prompt, params, enc.thinking_mode)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name,
             "system_fingerprint": None}
@@ -231,7 +234,8 @@ async def completions(state, request):
     stop = body.strings("stop", max_items=16)
     include_usage = _include_usage(body, stream)
     prompt = await _completion_prompt(body, state)
-    params = GenParams(_max_tokens(body, state, len(prompt), 16), params_sampling, stop, top, n=_choices(body))
+    params = GenParams(_max_tokens(body, state, len(prompt), 16), params_sampling, stop, top, n=_choices(body),
+                       draft_tokens=draft_tokens(body, state.engine.model))
     gens = Generation.choices(state.engine, state.tokenizer, prompt, params, "raw")
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}

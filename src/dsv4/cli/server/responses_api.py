@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from dsv4.portable.encoding import ContentDelta, ReasoningDelta, RequestError, ToolCallEvent, map_reasoning_effort
 
 from .errors import bad_request
-from .fields import Body, sampling_params
+from .fields import Body, draft_tokens, sampling_params
 from .generation import Done, GenParams, Generation, TokenInfo, output_constraint
 from .metrics import observe
 from .sse import EventStream, sse
@@ -353,7 +353,7 @@ class _Builder:
                  "input_tokens_details": {"cached_tokens": done.cached_tokens},
                  "output_tokens": done.completion_tokens,
                  "output_tokens_details": {"reasoning_tokens": reasoning},
-                 "total_tokens": done.prompt_tokens + done.completion_tokens}
+                 "total_tokens": done.prompt_tokens + done.completion_tokens, **done.speculative()}
         return {**self.response("incomplete" if cut else "completed"), "usage": usage,
                 "incomplete_details": {"reason": "max_output_tokens"} if cut else None}
 
@@ -398,7 +398,8 @@ async def responses(state, request):
     max_output = body.integer("max_output_tokens", None, 1)
     prompt = await state.encode(enc)
     params = GenParams(state.budget(len(prompt), max_output, "max_output_tokens"), sampling,
-                       constraint=await output_constraint(state.engine, state.tokenizer, enc))
+                       constraint=await output_constraint(state.engine, state.tokenizer, enc),
+                       draft_tokens=draft_tokens(body, state.engine.model))
     gen = Generation(state.engine, state.tokenizer, prompt, params, enc.thinking_mode)
     skeleton = _skeleton(body, state.model_name, chat, sampling, max_output)
     builder = _Builder(skeleton, enc.thinking_mode == "thinking")
