@@ -1,17 +1,31 @@
 """The repository is self-contained: what docstrings and the README cite is in the repository."""
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = {"tests/data", "docs", "dsv4.egg-info", "benchmarks/results"}
 
 
+def _files() -> list[str]:
+    """The repository's own files: tracked or untracked but not ignored (the Node example's node_modules
+    is not the repository's), every file outside git; never a virtual environment made in the checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+        files = [rel for rel in out.splitlines() if (ROOT / rel).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        files = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*") if p.is_file()]
+    venvs = tuple(f"{cfg.parent.name}/" for cfg in ROOT.glob("*/pyvenv.cfg"))
+    return sorted(rel for rel in files if not rel.startswith(venvs))
+
+
 def _sources():
-    for p in sorted(ROOT.rglob("*")):
-        rel = p.relative_to(ROOT).as_posix()
-        if p.suffix in (".py", ".md", ".toml") and not any(rel.startswith(s) for s in SKIP) and "/." not in rel:
-            yield rel, p.read_text(encoding="utf-8")
+    for rel in _files():
+        if Path(rel).suffix in (".py", ".md", ".toml") and not any(rel.startswith(s) for s in SKIP) \
+                and "/." not in rel:
+            yield rel, (ROOT / rel).read_text(encoding="utf-8")
 
 
 def test_the_specs_and_the_plan_ship_in_docs():
