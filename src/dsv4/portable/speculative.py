@@ -56,7 +56,8 @@ def default_draft_tokens(model) -> int:
     HEAD_SHARE_LIMIT of a token's weights: every drafted and every verified position computes the full
     129,280-row head, so a round costs about (k + 1) heads plus k MTP layers for ≈ 1 + k·acceptance tokens,
     which cannot beat plain decoding when the head dominates (the demo: head ≈ 94 % of its weights; a
-    verify step of 3 tokens costs 2.1× a plain step on the reference, benchmarks/results/speculative.json).
+    verify step of 3 tokens costs 1.6× a plain step on the reference, and k = 2 decodes at 0.75× with
+    85 % of the drafts kept, benchmarks/results/speculative.json).
     Else 2 (vLLM's MTP recipe: two chained drafts keep most of the gain of an accepting MTP block;
     V4-Flash's head is 4 % of its active weights).  A job drafting by default stops when its drafts are
     mostly rejected (`keeps_drafting`), so a random-weight model pays only for the first rounds."""
