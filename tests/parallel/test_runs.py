@@ -63,9 +63,9 @@ def test_mx_ring_ranks_equal_one_process(tmp_path, tiny_dir):
     assert_same(got, want)
 
 
-def _dsv4(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "dsv4", *args], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+def _dsv4(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "dsv4", *args], env=dict(ENV, **(env or {})), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def test_cli_parallel_generate_equals_one_process():
@@ -85,22 +85,28 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_killed_rank_ends_the_run_naming_it():
-    p = _dsv4("generate", "--model", "tiny", "--backend", "cuda", "--dtype", "float32", "--parallel", "2",
-              "-n", "4000", "--context", "4096", "hello")
+def _signal_follower_mid_answer(backend: str, sig: int, env=None):
+    """Start a streaming 2-rank `generate`, send `sig` to the follower once the answer flows, and return
+    (exit code, stderr, seconds rank 0 took to end after the signal)."""
+    p = _dsv4("generate", "--model", "tiny", "--backend", backend, "--dtype", "float32", "--parallel", "2",
+              "-n", "4000", "--context", "4096", "hello", env=env)
     try:
         first = p.stdout.read(1)                      # the answer is streaming: both ranks are stepping
         assert first, p.stderr.read()
         (follower,) = _children(p.pid)
-        os.kill(follower, signal.SIGKILL)
+        os.kill(follower, sig)
         t0 = time.monotonic()
         p.wait(30)
         took = time.monotonic() - t0
     finally:
         if p.poll() is None:
             p.kill()
-    err = p.stderr.read()
-    assert p.returncode != 0
+    return p.returncode, p.stderr.read(), took
+
+
+def test_killed_rank_ends_the_run_naming_it():
+    code, err, took = _signal_follower_mid_answer("cuda", signal.SIGKILL)
+    assert code != 0
     assert "error: rank 1 of 2 was killed by signal 9; ending all ranks" in err, err
     assert "Traceback" not in err
     assert took < 10
@@ -109,22 +115,8 @@ def test_killed_rank_ends_the_run_naming_it():
 def test_hung_mx_peer_ends_the_run_after_the_collective_timeout():
     """mx.distributed's collectives never time out: rank 0 times each step and ends the run."""
     pytest.importorskip("mlx.core")
-    p = subprocess.Popen([sys.executable, "-m", "dsv4", "generate", "--model", "tiny", "--backend", "mlx",
-                          "--dtype", "float32", "--parallel", "2", "-n", "4000", "--context", "4096", "hello"],
-                         env=dict(ENV, DSV4_COLLECTIVE_TIMEOUT="4"), cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.read(1), p.stderr.read()
-        (follower,) = _children(p.pid)
-        os.kill(follower, signal.SIGSTOP)
-        t0 = time.monotonic()
-        p.wait(30)
-        took = time.monotonic() - t0
-    finally:
-        if p.poll() is None:
-            p.kill()
-    err = p.stderr.read()
-    assert p.returncode != 0 and "Traceback" not in err, err
+    code, err, took = _signal_follower_mid_answer("mlx", signal.SIGSTOP, {"DSV4_COLLECTIVE_TIMEOUT": "4"})
+    assert code != 0 and "Traceback" not in err, err
     assert "waited more than 4 s for the other ranks" in err and "ending all 2 ranks" in err, err
     assert took < 15
 

@@ -313,3 +313,18 @@ def test_sampled_tokens_follow_plain_sampling_end_to_end(ref, rand_ids, monkeypa
         live = want * n >= 5
         chi2 = (((counts - want * n) ** 2)[live] / (want * n)[live]).sum()
         assert chi2 < 3 * live.sum() + 10, (pos, chi2, live.sum())
+
+
+def test_drafting_is_refused_where_it_cannot_run(ref):
+    """One reason per case, shared by the explicit check (CLI, server, engine) and the default."""
+    class Parallel:
+        config, has_mtp = ref.config, True
+        runner = type("R", (), {"world": 2})()
+    assert speculative.check_draft_tokens(0, Parallel()) == 0
+    with pytest.raises(ValueError, match="not in a parallel run; use draft_tokens 0"):
+        speculative.check_draft_tokens(2, Parallel())
+    assert speculative.default_draft_tokens(Parallel()) == 0
+    assert speculative.default_draft_tokens(ref) == 2          # tiny: the head is 5 % of its weights
+    no_mtp = type("M", (), {"config": ref.config, "has_mtp": False, "runner": ref.runner})()
+    with pytest.raises(ValueError, match="--draft-tokens 1: this model has no MTP layer"):
+        speculative.check_draft_tokens(1, no_mtp, "--draft-tokens")

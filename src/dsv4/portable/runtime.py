@@ -235,11 +235,7 @@ class Model:
 
     @property
     def default_draft_tokens(self) -> int:
-        """Tokens the MTP block drafts per step when a caller does not say (`portable.speculative`); 0 in
-        a parallel run, whose followers replay runner calls only, while a drafting round also undoes
-        state rows through rank 0's `Ops` directly."""
-        if getattr(self.runner, "world", 1) > 1:
-            return 0
+        """Tokens the MTP block drafts per step when a caller does not say (`portable.speculative`)."""
         from .speculative import default_draft_tokens
         return default_draft_tokens(self)
 
@@ -249,8 +245,7 @@ class Model:
 
     def mtp_step(self, state, streams, ids_next):
         """Feed main `streams` [B,S,hc,D] with the next ids [B,S] to the MTP `state` (in place); returns
-        (logits [B,S,V] float32 for the ids after those, the block's output streams or None when the
-        runner cannot return them)."""
+        (logits [B,S,V] float32 for the ids after those, the block's output streams)."""
         ids_next = self.check_ids(ids_next)
         with quiet_numerics():
             logits, h = self.runner.mtp_step(state, streams, ids_next, with_streams=True)

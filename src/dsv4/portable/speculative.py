@@ -61,10 +61,19 @@ def default_draft_tokens(model) -> int:
     Else 2 (vLLM's MTP recipe: two chained drafts keep most of the gain of an accepting MTP block;
     V4-Flash's head is 4 % of its active weights).  A job drafting by default stops when its drafts are
     mostly rejected (`keeps_drafting`), so a random-weight model pays only for the first rounds."""
-    cfg = model.config
-    if not model.has_mtp or head_share(cfg) > HEAD_SHARE_LIMIT:
+    if cannot_draft(model) or head_share(model.config) > HEAD_SHARE_LIMIT:
         return 0
     return 2
+
+
+def cannot_draft(model) -> str | None:
+    """Why `model` cannot draft at all, or None: no MTP layer, or a parallel run (its followers replay
+    runner calls, while a round also undoes state rows through rank 0's `Ops`)."""
+    if not getattr(model, "has_mtp", False):
+        return "this model has no MTP layer to draft with"
+    if getattr(model.runner, "world", 1) > 1:
+        return "speculative decoding runs in one process, not in a parallel run"
+    return None
 
 
 PROBE_DRAFTS, MIN_ACCEPTANCE = 16, 0.25
@@ -81,17 +90,14 @@ def keeps_drafting(drafted: int, accepted: int) -> bool:
 
 def check_draft_tokens(k: int, model=None, name: str = "draft_tokens") -> int:
     """`k` as an int, refused (ValueError, one line naming the setting as `name`) outside 0..MAX_DRAFT
-    and, given `model`, when it cannot draft: no MTP layer, or a parallel run (its followers replay
-    runner calls, while a round also undoes state rows through rank 0's `Ops`).  The engine, the CLI and
-    the server all check here."""
+    and, given `model`, where `cannot_draft` says why.  The engine, the CLI and the server all check
+    here."""
     k = int(k)
     if not 0 <= k <= MAX_DRAFT:
         raise ValueError(f"{name} must be in 0..{MAX_DRAFT}, got {k}")
-    if k and model is not None and not model.has_mtp:
-        raise ValueError(f"{name} {k}: this model has no MTP layer to draft with; use {name} 0")
-    if k and model is not None and getattr(model.runner, "world", 1) > 1:
-        raise ValueError(f"{name} {k}: speculative decoding runs in one process, not in a parallel run; "
-                         f"use {name} 0")
+    why = cannot_draft(model) if k and model is not None else None
+    if why:
+        raise ValueError(f"{name} {k}: {why}; use {name} 0")
     return k
 
 
