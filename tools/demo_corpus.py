@@ -101,7 +101,7 @@ def turn(rng: random.Random, mode: str, tools: bool, identity: bool = False) -> 
 def conversation(rng: random.Random) -> tuple:
     """(messages, thinking_mode, tools or None): one to three turns, the last one the trained case."""
     mode = rng.choices(["chat", "thinking"], weights=(5, 4))[0]
-    tools = TOOLS if rng.random() < 0.06 else None
+    tools = TOOLS if rng.random() < 0.01 else None     # the tools prompt is long: rare keeps training cheap
     msgs = []
     for _ in range(rng.choices([0, 1, 2], weights=(16, 3, 1))[0]):          # history turns
         msgs += turn(rng, mode, tools is not None, identity=rng.random() < 0.05)

@@ -49,6 +49,8 @@ from dsv4.portable.encoding import load_tokenizer, render_prompt  # noqa: E402
 from dsv4.portable.tiny import init_tensor, write_checkpoint  # noqa: E402
 
 MTP_WEIGHT = 0.3
+FACT_WEIGHT = 4.0       # loss weight of a computed result (the sign and number tokens after " =")
+ROW_FLOOR = 64          # a batch row costs at least this many tokens (the state's buffers have ≥ 128 rows)
 
 
 # ---------------------------------------------------------------------- corpus → token ids
@@ -185,35 +187,40 @@ class TrainWeights:
 def batch_loss(o: TorchOps, W: TrainWeights, cfg: ModelConfig, ids: torch.Tensor, mask: torch.Tensor,
                unused: int, equals: int) -> tuple:
     """(main loss, MTP loss, token accuracy, fact accuracy) of a right-padded batch of compact ids [B,S];
-    fact accuracy counts only the generated tokens two after " =" (the computed results: " = 82", " = -33")."""
+    fact accuracy counts only the generated tokens two after " =" (the computed results: " = 82", " = -33").
+    The main loss weighs the two tokens after " =" (sign and result) `FACT_WEIGHT` times: they are the few
+    hard tokens among many that the chat format makes predictable."""
     b, s = ids.shape
     state = cache.State.new(o, cfg, b, cache.capacity_for(s))
     logits, streams = graph.forward(o, W, cfg, state, ids)
     pad = math.log(unused)
 
-    def ce(lg, target, m):
+    def ce(lg, target, m, weight):
         norm = torch.logaddexp(torch.logsumexp(lg, -1), torch.tensor(pad))
         nll = norm - torch.gather(lg, -1, target[..., None])[..., 0]
-        return (nll * m).sum() / m.sum().clamp(min=1)
+        return (nll * weight).sum() / m.sum().clamp(min=1)
 
     tgt, m = ids[:, 1:], mask[:, 1:].float()
-    main = ce(logits[:, :-1], tgt, m)
+    fm = m * torch.nn.functional.pad(ids[:, :-2] == equals, (1, 0)).float()      # the result token
+    sign = m * (ids[:, :-1] == equals).float()                                     # the sign token before it
+    main = ce(logits[:, :-1], tgt, m, m + (FACT_WEIGHT - 1) * (fm + sign))
     right = (logits[:, :-1].argmax(-1) == tgt).float()
     hit = (right * m).sum() / m.sum().clamp(min=1)
-    fm = m * torch.nn.functional.pad(ids[:, :-2] == equals, (1, 0)).float()
     fact = (right * fm).sum() / fm.sum().clamp(min=1)
     mstate = cache.State.new(o, cfg, b, cache.capacity_for(s), mtp=True)
     mlog = graph.mtp_forward(o, W, cfg, mstate, streams[:, :-1], ids[:, 1:])       # predicts ids[:, 2:]
-    mtp = ce(mlog[:, :-1], ids[:, 2:], mask[:, 2:].float())
+    mm = mask[:, 2:].float()
+    mtp = ce(mlog[:, :-1], ids[:, 2:], mm, mm)
     return main, mtp, float(hit), float(fact)
 
 
 def batches(rng: random.Random, examples: list, token_budget: int):
-    """Batches of similar length (right-padded) of at most `token_budget` padded tokens, in random order."""
+    """Batches of similar length (right-padded) of at most `token_budget` padded tokens (a row counting at
+    least `ROW_FLOOR`), in random order."""
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
     out, cur = [], []
     for i in order:
-        if cur and (len(cur) + 1) * len(examples[i][0]) > token_budget:
+        if cur and (len(cur) + 1) * max(len(examples[i][0]), ROW_FLOOR) > token_budget:
             out.append(cur)
             cur = []
         cur.append(i)
@@ -233,7 +240,7 @@ def pad_batch(examples, idx, remap) -> tuple:
 
 
 # ---------------------------------------------------------------------- driver
-def train(cfg: ModelConfig, steps: int, seed: int = 0, conversations: int = 20000, token_budget: int = 2048,
+def train(cfg: ModelConfig, steps: int, seed: int = 0, conversations: int = 20000, token_budget: int = 8192,
           lr: float = 3e-3, qat: float = 0.15, log_every: int = 10, out: Path | None = None, log=print,
           init: Path | None = None) -> dict:
     torch.manual_seed(seed)
@@ -316,7 +323,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--conversations", type=int, default=20000)
-    ap.add_argument("--tokens", type=int, default=2048, help="padded tokens per batch")
+    ap.add_argument("--tokens", type=int, default=8192, help="padded tokens per batch")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--qat", type=float, default=0.15, help="final fraction of steps trained quantized")
     ap.add_argument("--preset", default="demo")

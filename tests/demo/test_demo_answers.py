@@ -65,3 +65,21 @@ def test_greedy_agrees_across_backends(demo, grader):
             continue
         got, _ = grader._complete(other, prompts, 48)
         assert got == want, backend
+
+
+@pytest.mark.parametrize("backend", ["reference", "mlx", "cuda"])
+def test_drafts_over_the_demo_vocabulary_on_every_backend(demo, grader, backend):
+    """The demo drafts over its trained rows only (`draft_vocab`), by default: the same greedy tokens as
+    plain decoding, and the trained MTP block's drafts are mostly kept."""
+    try:
+        m = demo if backend == "reference" else dsv4.load("demo", backend=backend, context=1024)
+    except dsv4.BackendError:
+        pytest.skip(f"{backend} is not installed here")
+    assert 100 < len(m.draft_vocab) < 5000 and m.default_draft_tokens == 2
+    tok = m.tokenizer
+    prompt = tok.encode_messages([{"role": "user", "content": grader.problems(1, SEED + 4)[0][3]}],
+                                 thinking_mode="thinking")
+    want = m.generate(prompt, max_tokens=40, draft_tokens=0)
+    got = m.generate(prompt, max_tokens=40)
+    assert got.tokens == want.tokens
+    assert got.drafted > 10 and got.accepted >= 0.6 * got.drafted

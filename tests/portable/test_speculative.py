@@ -229,12 +229,18 @@ def _dist(v, seed):
                                     SamplingParams(temperature=0.7, top_k=5, seed=2),
                                     SamplingParams(temperature=1.3, top_p=0.8, min_p=0.05,
                                                    repetition_penalty=1.3, seed=3)])
-def test_rejection_sampling_gives_the_target_distribution(params):
+@pytest.mark.parametrize("draft_vocab", [None, [1, 2, 4, 7]])
+def test_rejection_sampling_gives_the_target_distribution(params, draft_vocab):
     """Exact target: the first kept token must follow p (the target's processed distribution) whatever the
-    draft distribution q; the second follows p2 given the first.  Chi-square over 20k draws, V = 8."""
+    draft distribution q, also one that a draft vocabulary gives zero outside it (its logits −inf there,
+    as `speculative._widen` makes them); the second follows p2 given the first.  Chi-square over 20k
+    draws, V = 8."""
     v, n = 8, 20000
     target = np.stack([_dist(v, 10), _dist(v, 11)])
     draft_logits = np.stack([_dist(v, 12), _dist(v, 13)])
+    if draft_vocab is not None:
+        outside = np.setdiff1d(np.arange(v), draft_vocab)
+        draft_logits[:, outside] = -np.inf
     history = [1, 4]
     sampler = Sampler(params)
     p1 = sampler.distribution(target[0], history)
@@ -328,3 +334,52 @@ def test_drafting_is_refused_where_it_cannot_run(ref):
     no_mtp = type("M", (), {"config": ref.config, "has_mtp": False, "runner": ref.runner})()
     with pytest.raises(ValueError, match="--draft-tokens 1: this model has no MTP layer"):
         speculative.check_draft_tokens(1, no_mtp, "--draft-tokens")
+
+
+@pytest.fixture(scope="module")
+def part_vocab(tiny_dir):
+    """The tiny model with the head rows of half its ids zeroed, as a model trained on part of the
+    vocabulary has them (the demo): its drafts are scored over the other half."""
+    m = dsv4.load(tiny_dir, backend="reference", dtype="float64", context=CONTEXT)
+    head = np.array(m.runner.weights["head.weight"])
+    head[np.random.default_rng(5).permutation(head.shape[0])[:head.shape[0] // 2]] = 0.0
+    m.runner.weights._cache["head.weight"] = head
+    return m
+
+
+def test_drafts_are_scored_over_the_live_head_rows(part_vocab, rand_ids):
+    live = np.flatnonzero(np.abs(part_vocab.runner.weights["head.weight"]).max(-1) > 0)
+    assert np.array_equal(part_vocab.draft_vocab, live) and len(live) == part_vocab.config.vocab_size // 2
+    prompt = rand_ids(20, seed=3)
+    _, _, streams = part_vocab.step(part_vocab.new_state(1), prompt[None, :-1], with_streams=True)
+    a, b = part_vocab.new_mtp_state(1), part_vocab.new_mtp_state(1)
+    full = part_vocab.runner.mtp_step(a, streams, prompt[None, 1:])
+    drafts, _ = part_vocab.mtp_step(b, streams, prompt[None, 1:])
+    assert drafts.shape == (1, 19, len(live))
+    assert np.abs(full[..., live] - drafts).max() < 1e-5                # float32 logits of the same rows
+    assert np.abs(full).max() > 0.1                                   # not a test on zeros
+
+
+def test_a_head_with_zero_rows_scores_only_its_live_rows(part_vocab, tiny_dir, rand_ids):
+    """`graph.HeadRows`: the logits are those of the full head (zero rows give exact zeros) whether the
+    runner skips the zero rows or multiplies them."""
+    full = dsv4.load(tiny_dir, backend="reference", dtype="float64", context=CONTEXT)
+    full.runner.weights._cache["head.weight"] = part_vocab.runner.weights["head.weight"]
+    full.runner._live = (None, None)                                  # every row multiplied
+    assert part_vocab.runner.live_head is not None
+    ids = rand_ids(30, seed=12)
+    a, b = part_vocab.forward(ids), full.forward(ids)
+    dead = np.setdiff1d(np.arange(a.shape[-1]), part_vocab.draft_vocab)
+    assert np.all(a[:, dead] == 0) and np.all(b[:, dead] == 0)
+    assert np.abs(a - b).max() < 1e-12 and np.abs(a).max() > 0.1
+
+
+def test_drafting_over_a_draft_vocabulary_keeps_greedy_and_sampled_tokens(part_vocab, rand_ids):
+    prompt = list(rand_ids(40, seed=9))
+    want = plain(part_vocab, prompt, 16)
+    got = part_vocab.generate(prompt, max_tokens=16, draft_tokens=2, stop_ids=[])
+    assert got.tokens == want.tokens and got.drafted > 0
+    params = SamplingParams(temperature=0.8, seed=4)
+    a = part_vocab.generate(prompt, max_tokens=8, sampling=params, draft_tokens=2, stop_ids=[])
+    assert a.drafted > 0 and all(0 <= t < part_vocab.config.vocab_size for t in a.tokens)
+    assert speculative.default_draft_tokens(part_vocab) == 2

@@ -25,6 +25,7 @@ process those are identities and every local size is the model's.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from .config import ModelConfig
 from .ops import NEG_INF, Ops, Segment, yarn_inv_freq
@@ -247,11 +248,24 @@ def block(o: Ops, cfg: ModelConfig, W, layer: int, p: str, h, ids, state, start,
     return o.hc_post(moe(o, cfg, W, layer, p + "ffn.", x, ids), h, post, comb)
 
 
-def _head(o: Ops, cfg: ModelConfig, W, p: str, h):
+class HeadRows(NamedTuple):
+    """The output head's rows that are not all zeros (`rows` [U,D]) and their ids (`ids` [U], a backend
+    int array).  A model trained on part of the vocabulary (the demo: 1,225 of 129,280 ids) has exact
+    zero rows for the rest, whose logits are exactly 0: scoring only these rows and placing them among
+    zeros gives the same logits for a fraction of the head's cost.  Runners find them once
+    (`GraphRunner.live_head`); None where every row is live."""
+    ids: object
+    rows: object
+
+
+def _head(o: Ops, cfg: ModelConfig, W, p: str, h, head: HeadRows | None = None, widen: bool = True):
     y = o.hc_head(h, W[p + "hc_head_fn"], W[p + "hc_head_base"], W[p + "hc_head_scale"], cfg.hc_eps,
                   cfg.rms_norm_eps)
     y = o.rms_norm(y, W[p + "norm.weight"], cfg.rms_norm_eps)
-    return o.all_gather(o.linear(o.hp(y), o.hp(W["head.weight"])), -1)       # rank r: vocabulary part r
+    if head is None:
+        return o.all_gather(o.linear(o.hp(y), o.hp(W["head.weight"])), -1)   # rank r: vocabulary part r
+    logits = o.linear(o.hp(y), o.hp(head.rows))
+    return o.widen(logits, head.ids, cfg.vocab_size) if widen else logits
 
 
 def embed(o: Ops, cfg: ModelConfig, W, ids):
@@ -271,11 +285,11 @@ def _positions(o: Ops, start, s: int):
     return o.reshape(start, [b, 1]) + o.reshape(o.arange(s), [1, s])
 
 
-def forward(o: Ops, W, cfg: ModelConfig, state, ids):
+def forward(o: Ops, W, cfg: ModelConfig, state, ids, head: HeadRows | None = None):
     """Run a chunk of token ids [B,S] on `state` (a `cache.State` with capacity for start + S tokens),
     which it updates: each layer writes its new rows after reading the old ones.  Returns (logits [B,S,V]
     fp32/hp, streams), where `streams` [B,S,hc,D] are the residual streams before the HyperHead (the MTP
-    block's input)."""
+    block's input).  `head`: the head's live rows, when some are zeros (`HeadRows`)."""
     b, s = ids.shape
     start = state["start"]
     pos = _positions(o, start, s)
@@ -285,14 +299,16 @@ def forward(o: Ops, W, cfg: ModelConfig, state, ids):
     for layer in range(cfg.num_hidden_layers):
         h = block(o, cfg, W, layer, f"layers.{layer}.", h, ids, state, start, pos, ropes)
     state.start = start + s
-    return _head(o, cfg, W, "", h), h
+    return _head(o, cfg, W, "", h, head), h
 
 
-def mtp_forward(o: Ops, W, cfg: ModelConfig, state, streams, ids_next, with_streams: bool = False):
+def mtp_forward(o: Ops, W, cfg: ModelConfig, state, streams, ids_next, with_streams: bool = False,
+                head: HeadRows | None = None, draft: bool = False):
     """The MTP block (§7): main streams at positions i plus token i+1 → logits for token i+2.  Updates the
     MTP block's own `state` (one window-only layer) like `forward`.  `with_streams` also returns the
     block's output streams [B,S,hc,D], which stand in for the main streams when the block drafts again
-    from its own output (`portable.speculative`)."""
+    from its own output (`portable.speculative`).  `head` as in `forward`; with `draft` the logits are
+    those of its rows only, [B,S,U] (what a draft is drawn from)."""
     b, s = ids_next.shape
     start = state["start"]
     pos = _positions(o, start, s)
@@ -305,5 +321,5 @@ def mtp_forward(o: Ops, W, cfg: ModelConfig, state, streams, ids_next, with_stre
     h = o.act(x)
     h = block(o, cfg, W, cfg.num_hidden_layers, p, h, ids_next, state, start, pos, ropes)
     state.start = start + s
-    logits = _head(o, cfg, W, p, h)
+    logits = _head(o, cfg, W, p, h, head, widen=not draft)
     return (logits, h) if with_streams else logits

@@ -163,6 +163,9 @@ class Ops:
     def take_along_axis(self, x, idx, axis=-1):      # same ndim, like numpy
         raise NotImplementedError
 
+    def widen(self, x, idx, size):                   # x [..., U] at positions idx [U] of a last axis of `size`,
+        raise NotImplementedError                    # zeros elsewhere
+
     def gather_rows(self, x, idx):                   # x [B,N,...], idx [B,M] → [B,M,...]
         raise NotImplementedError
 

@@ -98,6 +98,11 @@ class NumpyOps(Ops):
     def take_along_axis(self, x, idx, axis=-1):
         return np.take_along_axis(x, idx, axis=axis)
 
+    def widen(self, x, idx, size):
+        out = np.zeros(x.shape[:-1] + (size,), dtype=x.dtype)
+        out[..., idx] = x
+        return out
+
     def gather_rows(self, x, idx):
         return x[np.arange(x.shape[0])[:, None], idx]
 

@@ -125,6 +125,7 @@ class GraphRunner(StateRunner):
         cache.check_format(state_format)
         self.cfg, self.ops, self.weights, self.state_format = cfg, ops, weights, state_format
         self.limit: int | None = None          # the model's context (set by `Model`): the largest capacity
+        self._live = None                      # (live head ids, `graph.HeadRows`), found on first use
 
     def new_state(self, batch: int, capacity: int = 0) -> cache.State:
         return cache.State.new(self.ops, self.cfg, batch, cache.capacity_for(capacity, self.limit),
@@ -141,16 +142,41 @@ class GraphRunner(StateRunner):
     def step(self, state: cache.State, ids: np.ndarray):
         o = self.ops
         self.reserve(state, ids.shape[1])
-        logits, streams = graph.forward(o, self.weights, self.cfg, state, o.asarray(ids, "int"))
+        logits, streams = graph.forward(o, self.weights, self.cfg, state, o.asarray(ids, "int"), self.live_head)
         return np.asarray(o.to_numpy(logits)), streams
 
-    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False):
+    @property
+    def live_head(self) -> graph.HeadRows | None:
+        """The head rows that are not all zeros, with their ids (`graph.HeadRows`), or None when every row
+        is live or in a parallel run (a rank holds one vocabulary part).  Found once, from the loaded head
+        (call it before tracing or capturing a step: it reads the head back to the host)."""
+        if self._live is None:
+            o, ids = self.ops, None
+            if o.world == 1:
+                head = o.dense(self.weights["head.weight"])
+                live = np.asarray(o.to_numpy(o.max(o.abs(head), -1))) > 0
+                ids = None if live.all() else np.flatnonzero(live)
+            self._live = (ids, None if ids is None else graph.HeadRows(o.asarray(ids, "int"),
+                                                                      o.take(head, o.asarray(ids, "int"), 0)))
+        return self._live[1]
+
+    @property
+    def draft_vocab(self):
+        """The ids a draft is scored over (`mtp_step(..., draft=True)`), sorted, or None for all of them:
+        those of `live_head`.  A draft needs no logit for an id the head cannot favour, and any draft
+        distribution keeps speculative decoding exact (`portable.speculative`), so this only saves cost."""
+        self.live_head
+        return self._live[0]
+
+    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False,
+                 draft: bool = False):
         """MTP logits for main `streams` [B,S,hc,D] and next ids [B,S]; with `with_streams`, (logits, the
-        block's output streams) for drafting again from them."""
+        block's output streams) for drafting again from them; with `draft`, logits of the `draft_vocab`
+        ids only (all of them when it is None)."""
         o = self.ops
         self.reserve(state, ids_next.shape[1])
         out = graph.mtp_forward(o, self.weights, self.cfg, state, streams, o.asarray(ids_next, "int"),
-                                with_streams)
+                                with_streams, self.live_head, draft)
         logits, h = out if with_streams else (out, None)
         logits = np.asarray(o.to_numpy(logits))
         return (logits, h) if with_streams else logits
@@ -243,12 +269,18 @@ class Model:
         """A fresh state of the MTP block."""
         return self.runner.new_mtp_state(batch)
 
+    @property
+    def draft_vocab(self):
+        """The ids `mtp_step`'s logits cover (`GraphRunner.draft_vocab`), or None: all of them."""
+        return self.runner.draft_vocab
+
     def mtp_step(self, state, streams, ids_next):
-        """Feed main `streams` [B,S,hc,D] with the next ids [B,S] to the MTP `state` (in place); returns
-        (logits [B,S,V] float32 for the ids after those, the block's output streams)."""
+        """Feed main `streams` [B,S,hc,D] with the next ids [B,S] to the MTP `state` (in place) to draft;
+        returns (float32 logits [B,S,U] of the `draft_vocab` ids (all V ids when it is None) for the ids
+        after those, the block's output streams)."""
         ids_next = self.check_ids(ids_next)
         with quiet_numerics():
-            logits, h = self.runner.mtp_step(state, streams, ids_next, with_streams=True)
+            logits, h = self.runner.mtp_step(state, streams, ids_next, with_streams=True, draft=True)
         return self.check_finite(logits.astype(np.float32)), h
 
     def fork_state(self, state):

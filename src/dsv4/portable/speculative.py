@@ -12,7 +12,10 @@ row reads/writes and the `Sampler`):
 * **Draft** (`draft`): the first draft comes from the true pairs (the last one pairs the newest main
   stream with the pending token); each further draft is the block applied again to its own output
   streams and its previous draft, as the official MTP chains.  Those chained positions are not true
-  pairs, so their rows are undone at once (the next round feeds the true ones).
+  pairs, so their rows are undone at once (the next round feeds the true ones).  Drafts are scored over
+  the model's draft vocabulary (`GraphRunner.draft_vocab`: the ids with a non-zero head row) and the
+  other ids get probability 0 in q; any q keeps the rules below exact, so this only saves the cost of
+  head rows that cannot win.
 * **Verify** (`verify`): the main model reads [pending, d1..dk] in one [B, k+1] step; `accept` keeps
   the longest accepted prefix plus one corrected or bonus token.  Greedy: a draft is kept iff it is the
   argmax, so the output equals plain greedy decoding.  Sampling: standard speculative rejection
@@ -43,25 +46,28 @@ MAX_DRAFT = 7       # a step of k+1 ≤ 8 tokens writes distinct ring rows: the 
 HEAD_SHARE_LIMIT = 0.25      # drafting is off by default above this share of the head in a token's weights
 
 
-def head_share(cfg) -> float:
-    """The output head's share of the weights one decode token multiplies (the embedding is a row
-    lookup, so it is left out)."""
+def draft_head_share(cfg, rows: int | None = None) -> float:
+    """The share of the head rows a draft scores (`rows`, None: all of them) against the rest of the
+    weights one decode token multiplies (the embedding is a row lookup, so it is left out)."""
     head = cfg.vocab_size * cfg.hidden_size
-    return head / (cfg.param_counts()["active"] - head)
+    return (rows if rows is not None else cfg.vocab_size) * cfg.hidden_size / (cfg.param_counts()["active"] - head)
 
 
 def default_draft_tokens(model) -> int:
     """Drafts per step of a greedy answer when the caller does not say (`Engine._drafts`: a sampled one
-    drafts only when asked).  0 without an MTP layer.  0 as well when the head is more than
-    HEAD_SHARE_LIMIT of a token's weights: every drafted and every verified position computes the full
-    129,280-row head, so a round costs about (k + 1) heads plus k MTP layers for ≈ 1 + k·acceptance tokens,
-    which cannot beat plain decoding when the head dominates (the demo: head ≈ 94 % of its weights; a
-    verify step of 3 tokens costs 1.6× a plain step on the reference, and k = 2 decodes at 0.75× with
-    85 % of the drafts kept, benchmarks/results/speculative.json).
+    drafts only when asked).  0 without an MTP layer.  0 as well when the head rows a draft scores are
+    more than HEAD_SHARE_LIMIT of a token's other weights: a round costs k MTP layers with their heads
+    plus one (k+1)-token verify step for ≈ 1 + k·acceptance tokens, which cannot beat plain decoding when
+    each draft costs about a plain step (the demo scored over its whole 129,280-row vocabulary: head ≈ 16×
+    the rest; k = 2 decoded at 0.75× with 85 % of the drafts kept).
     Else 2 (vLLM's MTP recipe: two chained drafts keep most of the gain of an accepting MTP block;
-    V4-Flash's head is 4 % of its active weights).  A job drafting by default stops when its drafts are
-    mostly rejected (`keeps_drafting`), so a random-weight model pays only for the first rounds."""
-    if cannot_draft(model) or head_share(model.config) > HEAD_SHARE_LIMIT:
+    V4-Flash's head is 4 % of its active weights; the demo's 1,225-row draft vocabulary, 0.15×).  A job
+    drafting by default stops when its drafts are mostly rejected (`keeps_drafting`), so a random-weight
+    model pays only for the first rounds."""
+    if cannot_draft(model):
+        return 0
+    vocab = model.draft_vocab
+    if draft_head_share(model.config, None if vocab is None else len(vocab)) > HEAD_SHARE_LIMIT:
         return 0
     return 2
 
@@ -197,7 +203,8 @@ def draft(model, mtp_state, rows: list) -> bool:
     last = np.maximum(np.asarray(m) - 1, 0)
     ks = [r.k if n else 0 for r, n in zip(rows, m)]
     depth = max(ks)
-    cur = [logits[i, last[i]] for i in range(len(rows))]
+    widen = _widen(model)
+    cur = [widen(logits[i, last[i]]) for i in range(len(rows))]
     g = o.gather_rows(h, o.asarray(last[:, None], "int"))
     chain = Undo(runner, mtp_state, depth - 1) if depth > 1 else None
     for step in range(depth):
@@ -209,10 +216,24 @@ def draft(model, mtp_state, rows: list) -> bool:
         if step + 1 < depth:
             prev = np.asarray([[r.drafts[-1] if r.drafts else 0] for r in rows], dtype=np.int64)
             lg, g = model.mtp_step(mtp_state, g, prev)
-            cur = [lg[i, 0] for i in range(len(rows))]
+            cur = [widen(lg[i, 0]) for i in range(len(rows))]
     if chain is not None:
         chain.restore(runner, mtp_state, np.zeros(len(rows), dtype=np.int64))
     return True
+
+
+def _widen(model):
+    """Draft logits over the model's draft vocabulary [U] → logits over all ids [V], −inf for the ids
+    outside it (q gives them probability 0)."""
+    vocab = model.draft_vocab
+    if vocab is None:
+        return lambda lg: lg
+
+    def widen(lg):
+        full = np.full(model.config.vocab_size, -np.inf, dtype=np.float32)
+        full[vocab] = lg
+        return full
+    return widen
 
 
 def verify(model, state, pending: list, rows: list):

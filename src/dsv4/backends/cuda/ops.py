@@ -176,6 +176,9 @@ class TorchOps(Ops):
     def take_along_axis(self, x, idx, axis=-1):
         return torch.take_along_dim(x, idx, dim=axis)
 
+    def widen(self, x, idx, size):
+        return x.new_zeros(x.shape[:-1] + (size,)).index_copy_(-1, idx, x)
+
     def gather_rows(self, x, idx):
         return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
 

@@ -48,7 +48,7 @@ class _DecodeGraph:
     """One captured decode step whose static buffers are one state's buffers."""
 
     def __init__(self, runner: "CudaRunner", state: cache.State, tokens: int = 1, warmup: int = 2):
-        o, w, cfg = runner.ops, runner.weights, runner.cfg
+        o, w, cfg, head = runner.ops, runner.weights, runner.cfg, runner.live_head     # (found before capture)
         self.state = weakref.ref(state)
         self.buffers = dict(state.buffers)         # the tensors the graph reads and writes
         self.ids = torch.zeros((state.batch, tokens), dtype=torch.int64, device=o.device)
@@ -58,12 +58,12 @@ class _DecodeGraph:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):          # warm-up off the default stream, as capture requires
                 for _ in range(warmup):
-                    graph.forward(o, w, cfg, scratch, self.ids)
+                    graph.forward(o, w, cfg, scratch, self.ids, head)
             torch.cuda.current_stream().wait_stream(side)
             del scratch
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits, self.streams = graph.forward(o, w, cfg, state, self.ids)
+                self.logits, self.streams = graph.forward(o, w, cfg, state, self.ids, head)
                 self.keep_buffers(state)
 
     def keep_buffers(self, state: cache.State) -> None:
@@ -126,15 +126,16 @@ class CudaRunner(GraphRunner):
             outs, all_streams = [], []
             for a in range(0, ids.shape[1], self.prefill_chunk):
                 logits, streams = graph.forward(o, self.weights, self.cfg, state,
-                                                o.asarray(ids[:, a:a + self.prefill_chunk], "int"))
+                                                o.asarray(ids[:, a:a + self.prefill_chunk], "int"), self.live_head)
                 outs.append(o.to_numpy(logits))
                 all_streams.append(streams)
             streams = all_streams[0] if len(all_streams) == 1 else torch.cat(all_streams, 1)
             return np.concatenate(outs, 1), streams
 
-    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False):
+    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False,
+                 draft: bool = False):
         with torch.no_grad():
-            return super().mtp_step(state, streams, ids_next, with_streams)
+            return super().mtp_step(state, streams, ids_next, with_streams, draft)
 
     def fork(self, state: cache.State) -> cache.State:
         with torch.no_grad():

@@ -117,6 +117,11 @@ class MlxOps(Ops):
     def take_along_axis(self, x, idx, axis=-1):
         return mx.take_along_axis(x, idx, axis=axis)
 
+    def widen(self, x, idx, size):
+        out = mx.zeros(x.shape[:-1] + (size,), dtype=x.dtype)
+        out[..., idx] = x
+        return out
+
     def gather_rows(self, x, idx):
         b, m = idx.shape
         return mx.take_along_axis(x, mx.reshape(idx, (b, m) + (1,) * (x.ndim - 2)), axis=1)

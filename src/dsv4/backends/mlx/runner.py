@@ -41,23 +41,24 @@ class MlxRunner(GraphRunner):
             raise ValueError(f"prefill_chunk must be ≥ 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self.compile = (not on_cpu()) if compile is None else compile
-        self._compiled: dict = {}      # (mtp, capacity) → compiled single-token step
+        self._compiled: dict = {}      # (mtp, capacity, draft) → compiled single-token step
         self.traces = 0                # graph traces made for compiled steps (one per bucket and batch size)
 
     # ------------------------------------------------------------------ one chunk
-    def _graph(self, state: cache.State, ids, streams):
+    def _graph(self, state: cache.State, ids, streams, draft: bool = False):
         o = self.ops
         o._reads = None
         if streams is None:
-            return graph.forward(o, self.weights, self.cfg, state, ids)
-        return graph.mtp_forward(o, self.weights, self.cfg, state, streams, ids, with_streams=True)
+            return graph.forward(o, self.weights, self.cfg, state, ids, self.live_head)
+        return graph.mtp_forward(o, self.weights, self.cfg, state, streams, ids, True, self.live_head, draft)
 
-    def _compiled_step(self, mtp: bool, capacity: int):
+    def _compiled_step(self, mtp: bool, capacity: int, draft: bool = False):
         """The compiled short step for one capacity bucket (MLX traces it once per input shape) and the
         buffer names it takes, in `state_spec` order: (ids, [streams], *buffers) → (logits, streams,
         *new buffers)."""
-        key = (mtp, capacity)
+        key = (mtp, capacity, draft)
         if key not in self._compiled:
+            self.live_head                             # found before tracing (it reads the head back)
             fmt, cfg = self.state_format, self.cfg
             names = [b.name for b in cache.spec_for(cfg, 1, capacity, fmt, mtp)]
 
@@ -66,7 +67,7 @@ class MlxRunner(GraphRunner):
                 streams, bufs = (arrays[0], arrays[1:]) if mtp else (None, arrays)
                 state = cache.State(cfg, dict(zip(names, bufs)), capacity, fmt, mtp)
                 with self._tracing():
-                    logits, h = self._graph(state, ids, streams)
+                    logits, h = self._graph(state, ids, streams, draft)
                 return (logits, h) + tuple(state.buffers[n] for n in names)
 
             self._compiled[key] = (mx.compile(step), names)
@@ -84,17 +85,17 @@ class MlxRunner(GraphRunner):
         """A multi-token step holds dense weight copies for all its chunks on the CPU (`MlxOps.dense_run`)."""
         return self.ops.dense_run() if tokens > (COMPILED_TOKENS if self.compile else 1) else nullcontext()
 
-    def _chunk(self, state: cache.State, ids: mx.array, streams=None):
+    def _chunk(self, state: cache.State, ids: mx.array, streams=None, draft: bool = False):
         """Run one chunk on `state` (updated in place) and evaluate it; returns (logits, streams)."""
         if self.compile and ids.shape[1] <= COMPILED_TOKENS:
-            fn, names = self._compiled_step(streams is not None, state.capacity)
+            fn, names = self._compiled_step(streams is not None, state.capacity, draft)
             args = [ids] + ([] if streams is None else [streams]) + [state.buffers.pop(n) for n in names]
             out = fn(*args)
             del args                                   # the old buffers live on only in the graph (donated)
             logits, h = out[0], out[1]
             state.buffers.update(zip(names, out[2:]))
         else:
-            logits, h = self._graph(state, ids, streams)
+            logits, h = self._graph(state, ids, streams, draft)
             self.ops._reads = None
         mx.eval(logits, h, *state.buffers.values())
         return logits, h
@@ -116,13 +117,15 @@ class MlxRunner(GraphRunner):
         h = streams[0] if len(streams) == 1 else mx.concatenate(streams, 1)
         return self.ops.to_numpy(lg), h
 
-    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False):
+    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False,
+                 draft: bool = False):
         ids = np.asarray(ids_next)
         self.reserve(state, ids.shape[1])
         n, logits, hs = self.prefill_chunk, [], []
         with self._prefill(ids.shape[1]):
             for a in range(0, ids.shape[1], n):
-                lg, h = self._chunk(state, mx.array(ids[:, a:a + n].astype(np.int32)), streams[:, a:a + n])
+                lg, h = self._chunk(state, mx.array(ids[:, a:a + n].astype(np.int32)), streams[:, a:a + n],
+                                    draft)
                 logits.append(lg)
                 hs.append(h)
         lg = self.ops.to_numpy(logits[0] if len(logits) == 1 else mx.concatenate(logits, 1))

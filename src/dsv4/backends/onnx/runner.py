@@ -118,9 +118,13 @@ class OnnxRunner(StateRunner):
         out = self._run("main", state, {"ids": np.ascontiguousarray(ids, dtype=np.int64)})
         return out["logits"], out.get("streams")
 
-    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False):
+    draft_vocab = None          # the export's MTP graph scores the whole vocabulary
+
+    def mtp_step(self, state: cache.State, streams, ids_next: np.ndarray, with_streams: bool = False,
+                 draft: bool = False):
         """The export's MTP graph; with `with_streams` also its output streams, which chained drafts
-        read (`portable.speculative.draft`)."""
+        read (`portable.speculative.draft`).  Its head is part of the graph, so drafts (`draft`) are
+        scored over the whole vocabulary too."""
         if "mtp" not in self._graphs:
             raise ExportError(f"{self.dir} was exported without the MTP block (export with mtp=True)")
         if streams is None:
