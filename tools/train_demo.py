@@ -2,6 +2,10 @@
 
     python tools/train_demo.py --out /tmp/demo-ckpt [--steps N] [--seed S] [--curve curve.json] [--init CKPT]
 
+The shipped demo is four runs of this script (87 min on a 2-core CPU in all), each continuing from the
+checkpoint the one before wrote; benchmarks/results/demo_train.json records each run's command, the
+version of this script it ran and its training curve.  Then `portable.tiny.pack_demo` packs it.
+
 Why this way:
 * One model description.  The forward pass is `portable.graph` itself on `TorchOps` (the torch backend,
   here on the CPU) with torch autograd; the weight store below hands the graph torch parameters under the

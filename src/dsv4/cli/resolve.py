@@ -42,9 +42,8 @@ DEFAULT_CONTEXT = 4096
 BACKEND_CHOICES = ("auto", *backend_names())
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 CPU_PREFERENCE = ("reference", "mlx")          # never cuda: torch on the CPU is the slowest here
-DEMO_NOTICE = ("note: the demo model is a tiny DeepSeek V4 trained on integer arithmetic only (try \"What is "
-               "37 + 45?\"; it has learned the formats, not yet the sums: most answers are wrong); pass --model "
-               "DIR for a real checkpoint")
+DEMO_NOTICE = ("note: the demo model is a tiny DeepSeek V4 trained on integer arithmetic only (A + B and A - B up "
+               "to 99, A times B up to 12: try \"What is 37 + 45?\"); pass --model DIR for a real checkpoint")
 RANDOM_DEMO_NOTICE = ("note: the demo-random model has random weights (the V4 architecture at tiny sizes with the "
                       "real tokenizer), so its text is gibberish; pass --model DIR for a real checkpoint")
 DEMO_CHAT = ("the demo answers A + B and A - B for A, B up to 99 and A times B up to 12, in several phrasings "

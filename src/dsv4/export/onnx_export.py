@@ -80,15 +80,18 @@ def _record(cfg: ModelConfig, data: ExternalData, weights: str, mtp: bool, strea
     specs = cache.spec_for(cfg, b, capacity, mtp=mtp)       # shapes in Dims: (b, C // m + 1, ...) where they grow
     bufs = {sp.name: Sym(g, e["input"], sp.shape, t) for sp, e, t in zip(specs, entries, types)}
     state = cache.State(cfg, bufs, capacity, "bf16", mtp)
+    live = data.source.live_head()
+    head = None if live is None else graph.HeadRows(o.asarray(live, "int"), o.take(W["head.weight"],
+                                                                                  o.asarray(live, "int"), 0))
     if mtp:
         g.add_input("hidden_streams", FLOAT, ["batch", "seq", hc, dim])
         io["inputs"]["streams"] = "hidden_streams"
         logits, streams = graph.mtp_forward(o, W, cfg, state, Sym(g, "hidden_streams", (b, s, hc, dim), FLOAT),
-                                            ids, with_streams=True)
+                                            ids, with_streams=True, head=head)
         g.add_output("output_streams", streams, ["batch", "seq", hc, dim])      # to chain drafts on
         io["outputs"]["streams"] = "output_streams"
     else:
-        logits, streams = graph.forward(o, W, cfg, state, ids)
+        logits, streams = graph.forward(o, W, cfg, state, ids, head)
     g.add_output("logits", logits, ["batch", "seq", cfg.vocab_size])
     for e in entries:
         new = state.buffers[e["name"]]

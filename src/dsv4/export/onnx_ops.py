@@ -194,6 +194,11 @@ class OnnxOps(Ops):
     def take_along_axis(self, x, idx, axis=-1):
         return self.g.op("GatherElements", [x, idx], idx.shape, x.dtype, axis=axis % x.ndim)
 
+    def widen(self, x, idx, size):
+        shape = x.shape[:-1] + (size,)
+        return self.g.op("ScatterElements", [self.zeros(shape), self.broadcast_to(idx, x.shape), x], shape, x.dtype,
+                         axis=x.ndim - 1)
+
     def _unsqueeze_last(self, idx):
         return self.g.op("Unsqueeze", [idx, self._axes(-1)], idx.shape + (1,), idx.dtype)
 

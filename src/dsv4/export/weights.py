@@ -75,6 +75,14 @@ class TensorSource:
         self.roles = {t.name: e.role for e in self.entries.values() if e.role != EXPERTS for t in e.tensors
                       if not t.name.endswith(".scale")}
 
+    def live_head(self) -> np.ndarray | None:
+        """Ids of the head rows that are not all zeros, or None when every row is live (`graph.HeadRows`:
+        the graphs then multiply only those rows)."""
+        if not hasattr(self, "_live"):
+            live = np.abs(self.ckpt.array("head.weight", np.float32)).max(-1) > 0
+            self._live = None if live.all() else np.flatnonzero(live)
+        return self._live
+
     def used(self, mtp: bool) -> list[str]:
         """Schema entries the graphs read (the MTP block's only with `mtp`)."""
         return [n for n in self.entries if mtp or not n.startswith("mtp.")]
