@@ -4,7 +4,9 @@ backend, measured back to back against plain decoding, next to a cost model.
 For each model (the random-weight tiny model; the trained demo when this installation ships it) and
 backend, and for k = 0..3 drafts: one greedy generation of --gen tokens after a --prompt-token random
 prompt through the engine (`dsv4 bench --draft-tokens`' `measure_drafts`; k = 0 is plain decoding on the
-same path).  A random-weight MTP block keeps ~1/vocab of its drafts, so the random model shows the cost
+same path: the "random prompt" rows).  The demo is also measured on its task ("task" rows): greedy
+answers, each to its end of sentence, to 8 fresh arithmetic questions, half in chat and half in thinking
+mode.  A random-weight MTP block keeps ~1/vocab of its drafts, so the random model shows the cost
 side only; the "oracle α" rows show the other side on the same model: the MTP block still runs, but its
 drafts are replaced by the true greedy continuation, kept with probability α per draft (α = 1, 0.6).
 
@@ -29,15 +31,20 @@ import importlib.util
 import json
 import os
 import platform
+import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-import dsv4
-from dsv4.cli.bench import counted, measure_drafts
-from dsv4.portable.tiny import CacheError, ensure_demo, ensure_tiny
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import demo_corpus as corpus  # noqa: E402
+
+import dsv4  # noqa: E402
+from dsv4.cli.bench import counted, measure_drafts  # noqa: E402
+from dsv4.portable.tiny import CacheError, ensure_demo, ensure_tiny  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "speculative.json"
 KS = (0, 1, 2, 3)
@@ -97,15 +104,23 @@ def predicted(times: dict, k: int, alpha: float, backend: str = "") -> float:
     return e * times["t_step_1"] / (times[f"t_step_{k + 1}"] + k * times["t_mtp_1"])
 
 
-QUESTIONS = ["What is 37 + 45?", "What is 12 * 11?", "What is 144 - 58?", "What is 9 + 16?",
-             "What is 81 / 9?", "What is 250 + 250?"]
+def questions(n: int = 8, seed: int = 2027) -> list:
+    """(question, mode) pairs: fresh problems of the demo's task (`tools/demo_corpus.py`, drawn with a
+    seed of their own), half asked in chat mode, half in thinking mode (a worked reasoning first)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        op, a, b = corpus.sample_problem(rng)
+        out.append((corpus.question(rng, op, a, b), "chat" if i % 2 else "thinking"))
+    return out
 
 
 def measure_questions(model, ks, gen: int, reps: int) -> list:
-    """Greedy answers to chat-encoded arithmetic questions (what the trained demo was trained on), per k:
-    drafted/accepted summed over the questions, decode rates from the summed decode times."""
+    """Greedy answers to fresh arithmetic questions (the trained demo's task, `questions`), per k, each
+    to its end of sentence: drafted/accepted summed over the questions, decode rates from the summed
+    decode times."""
     tok = model.tokenizer
-    prompts = [tok.encode_messages([{"role": "user", "content": q}], thinking_mode="chat") for q in QUESTIONS]
+    prompts = [tok.encode_messages([{"role": "user", "content": q}], thinking_mode=mode) for q, mode in questions()]
     for k in ks:
         model.generate(prompts[0], max_tokens=4, draft_tokens=k)                     # warm-up
     sums = {k: [] for k in ks}
@@ -169,13 +184,15 @@ def main() -> None:
             model = load(name, path, backend, context)
             ids = list(np.random.default_rng(1).integers(3, model.config.vocab_size, args.prompt))
             times = step_times(model, ids)
-            measured = measure_questions(model, list(KS), args.gen, args.reps) if name.startswith("demo") \
-                else measure_drafts(model, list(KS), args.prompt, args.gen, 256, 0, args.reps)
-            for r in measured:
-                alpha = r["acceptance"] or 0.0
-                rows.append({"model": name, "backend": backend, "drafts": "mtp", **r,
-                             "predicted_speedup": round(predicted(times, r["draft_tokens"], alpha, backend), 3),
-                             **times})
+            measured = [("random prompt", measure_drafts(model, list(KS), args.prompt, args.gen, 256, 0, args.reps))]
+            if name.startswith("demo"):
+                measured.append(("task", measure_questions(model, list(KS), args.gen, args.reps)))
+            for drafts, got in measured:
+                for r in got:
+                    alpha = r["acceptance"] or 0.0
+                    rows.append({"model": name, "backend": backend, "drafts": drafts, **r,
+                                 "predicted_speedup": round(predicted(times, r["draft_tokens"], alpha, backend), 3),
+                                 **times})
             if name.startswith("tiny"):
                 seq = ids + model.generate(ids, max_tokens=args.gen + 8, draft_tokens=0, stop_ids=[]).tokens
                 for alpha in (1.0, 0.6):
@@ -186,13 +203,13 @@ def main() -> None:
                                                                           backend), 3),
                                      **times})
                     del model.mtp_step
-    head = f"{'model':15} {'backend':9} {'drafts':13} {'k':>2} {'accept':>7} {'tok/step':>8} {'tok/s':>7} " \
+    head = f"{'model':15} {'backend':9} {'drafts':14} {'k':>2} {'accept':>7} {'tok/step':>8} {'tok/s':>7} " \
            f"{'speed-up':>8} {'cpu tok/s':>9} {'cpu s-up':>8} {'model':>7}"
     print(head)
     for r in rows:
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
         tps = "-" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}"
-        print(f"{r['model']:15} {r['backend']:9} {r['drafts']:13} {r['draft_tokens']:>2} {acc:>7} {tps:>8} "
+        print(f"{r['model']:15} {r['backend']:9} {r['drafts']:14} {r['draft_tokens']:>2} {acc:>7} {tps:>8} "
               f"{r['decode_tok_s']:>7.1f} {r['speedup']:>7.2f}× {r['cpu_decode_tok_s']:>9.1f} "
               f"{r['cpu_speedup']:>7.2f}× {r['predicted_speedup']:>6.2f}×")
     OUT.parent.mkdir(parents=True, exist_ok=True)

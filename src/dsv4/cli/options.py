@@ -14,8 +14,8 @@ from .errors import EXIT_USAGE, CliError
 from .resolve import BACKEND_CHOICES, DTYPE_CHOICES
 
 Model = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Checkpoint directory (official layout, converted or ONNX export), or demo|tiny|tiny2. "
-                          "Default: the demo model (random weights, real tokenizer).")]
+    "--model", "-m", help="Checkpoint directory (official layout, converted or ONNX export), or demo|demo-random|tiny|tiny2. "
+                          "Default: the demo model (a tiny V4 trained on arithmetic, shipped in the package).")]
 Backend = Annotated[str, typer.Option(
     "--backend", "-b", help=f"Backend: {'|'.join(BACKEND_CHOICES)}. auto = MLX on Apple silicon, CUDA with a "
                             "GPU, else the fastest installed CPU backend.")]
