@@ -233,7 +233,7 @@ def _dist(v, seed):
 def test_rejection_sampling_gives_the_target_distribution(params, draft_vocab):
     """Exact target: the first kept token must follow p (the target's processed distribution) whatever the
     draft distribution q, also one that a draft vocabulary gives zero outside it (its logits −inf there,
-    as `speculative._widen` makes them); the second follows p2 given the first.  Chi-square over 20k
+    as `speculative._over_vocab` makes them); the second follows p2 given the first.  Chi-square over 20k
     draws, V = 8."""
     v, n = 8, 20000
     target = np.stack([_dist(v, 10), _dist(v, 11)])

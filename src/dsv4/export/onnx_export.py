@@ -80,9 +80,8 @@ def _record(cfg: ModelConfig, data: ExternalData, weights: str, mtp: bool, strea
     specs = cache.spec_for(cfg, b, capacity, mtp=mtp)       # shapes in Dims: (b, C // m + 1, ...) where they grow
     bufs = {sp.name: Sym(g, e["input"], sp.shape, t) for sp, e, t in zip(specs, entries, types)}
     state = cache.State(cfg, bufs, capacity, "bf16", mtp)
-    live = data.source.live_head()
-    head = None if live is None else graph.HeadRows(o.asarray(live, "int"), o.take(W["head.weight"],
-                                                                                  o.asarray(live, "int"), 0))
+    live = data.source.live_head
+    head = None if live is None else graph.HeadRows.of(o, W["head.weight"], live)
     if mtp:
         g.add_input("hidden_streams", FLOAT, ["batch", "seq", hc, dim])
         io["inputs"]["streams"] = "hidden_streams"

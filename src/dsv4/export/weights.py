@@ -26,12 +26,14 @@ matmul is a Gemm with transB).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from onnx import TensorProto
 
 from ..portable import quant
 from ..portable.checkpoint import EXPERTS, FP32, LINEAR, PLAIN, TABLE, weight_schema
-from ..portable.weights import WeightStore
+from ..portable.weights import WeightStore, live_rows
 from .symbolic import FLOAT, INT64, Graph, Sym
 
 DENSE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
@@ -75,13 +77,11 @@ class TensorSource:
         self.roles = {t.name: e.role for e in self.entries.values() if e.role != EXPERTS for t in e.tensors
                       if not t.name.endswith(".scale")}
 
+    @functools.cached_property
     def live_head(self) -> np.ndarray | None:
         """Ids of the head rows that are not all zeros, or None when every row is live (`graph.HeadRows`:
         the graphs then multiply only those rows)."""
-        if not hasattr(self, "_live"):
-            live = np.abs(self.ckpt.array("head.weight", np.float32)).max(-1) > 0
-            self._live = None if live.all() else np.flatnonzero(live)
-        return self._live
+        return live_rows(np.abs(self.ckpt.array("head.weight", np.float32)).max(-1))
 
     def used(self, mtp: bool) -> list[str]:
         """Schema entries the graphs read (the MTP block's only with `mtp`)."""

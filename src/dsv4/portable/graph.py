@@ -253,9 +253,15 @@ class HeadRows(NamedTuple):
     int array).  A model trained on part of the vocabulary (the demo: 1,225 of 129,280 ids) has exact
     zero rows for the rest, whose logits are exactly 0: scoring only these rows and placing them among
     zeros gives the same logits for a fraction of the head's cost.  Runners find them once
-    (`GraphRunner.live_head`); None where every row is live."""
+    (`GraphRunner.live_head`, `portable.weights.live_rows`); None where every row is live."""
     ids: object
     rows: object
+
+    @classmethod
+    def of(cls, o: Ops, head, ids) -> HeadRows:
+        """The rows `ids` (host ints) of the loaded `head`."""
+        idx = o.asarray(ids, "int")
+        return cls(idx, o.take(head, idx, 0))
 
 
 def _head(o: Ops, cfg: ModelConfig, W, p: str, h, head: HeadRows | None = None, widen: bool = True):

@@ -26,6 +26,7 @@ import numpy as np
 from . import cache, graph, hub
 from .config import ModelConfig, PRESETS
 from .layout import backend_of
+from .weights import live_rows
 
 _BUILTIN = {"reference": "dsv4.portable.reference", "mlx": "dsv4.backends.mlx",
             "cuda": "dsv4.backends.cuda", "onnx": "dsv4.backends.onnx"}
@@ -154,10 +155,8 @@ class GraphRunner(StateRunner):
             o, ids = self.ops, None
             if o.world == 1:
                 head = o.dense(self.weights["head.weight"])
-                live = np.asarray(o.to_numpy(o.max(o.abs(head), -1))) > 0
-                ids = None if live.all() else np.flatnonzero(live)
-            self._live = (ids, None if ids is None else graph.HeadRows(o.asarray(ids, "int"),
-                                                                      o.take(head, o.asarray(ids, "int"), 0)))
+                ids = live_rows(o.to_numpy(o.max(o.abs(head), -1)))
+            self._live = (ids, None if ids is None else graph.HeadRows.of(o, head, ids))
         return self._live[1]
 
     @property

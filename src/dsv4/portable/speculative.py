@@ -203,8 +203,7 @@ def draft(model, mtp_state, rows: list) -> bool:
     last = np.maximum(np.asarray(m) - 1, 0)
     ks = [r.k if n else 0 for r, n in zip(rows, m)]
     depth = max(ks)
-    widen = _widen(model)
-    cur = [widen(logits[i, last[i]]) for i in range(len(rows))]
+    cur = [_over_vocab(model, logits[i, last[i]]) for i in range(len(rows))]
     g = o.gather_rows(h, o.asarray(last[:, None], "int"))
     chain = Undo(runner, mtp_state, depth - 1) if depth > 1 else None
     for step in range(depth):
@@ -216,24 +215,21 @@ def draft(model, mtp_state, rows: list) -> bool:
         if step + 1 < depth:
             prev = np.asarray([[r.drafts[-1] if r.drafts else 0] for r in rows], dtype=np.int64)
             lg, g = model.mtp_step(mtp_state, g, prev)
-            cur = [widen(lg[i, 0]) for i in range(len(rows))]
+            cur = [_over_vocab(model, lg[i, 0]) for i in range(len(rows))]
     if chain is not None:
         chain.restore(runner, mtp_state, np.zeros(len(rows), dtype=np.int64))
     return True
 
 
-def _widen(model):
-    """Draft logits over the model's draft vocabulary [U] → logits over all ids [V], −inf for the ids
+def _over_vocab(model, lg):
+    """Draft logits over the model's draft vocabulary [U] as logits over all ids [V], −inf for the ids
     outside it (q gives them probability 0)."""
     vocab = model.draft_vocab
     if vocab is None:
-        return lambda lg: lg
-
-    def widen(lg):
-        full = np.full(model.config.vocab_size, -np.inf, dtype=np.float32)
-        full[vocab] = lg
-        return full
-    return widen
+        return lg
+    full = np.full(model.config.vocab_size, -np.inf, dtype=np.float32)
+    full[vocab] = lg
+    return full
 
 
 def verify(model, state, pending: list, rows: list):

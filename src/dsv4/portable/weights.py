@@ -65,6 +65,13 @@ class ShardReader(Checkpoint):
         return out
 
 
+def live_rows(row_max) -> np.ndarray | None:
+    """The ids of the rows whose largest magnitude `row_max` [V] is not 0 (sorted), or None when every row
+    is live: what `graph.HeadRows` keeps of a head."""
+    live = np.asarray(row_max) > 0
+    return None if live.all() else np.flatnonzero(live)
+
+
 class WeightStore:
     """`W[name]` / `W.experts(prefix)` over a `Checkpoint`, each weight converted once on first use (or all
     at once by `load_all`).  Subclasses implement `linear`, `plain` and `table`; `fp32` defaults to `plain`
