@@ -28,7 +28,7 @@ from .config import ModelConfig, PRESETS
 from .layout import backend_of
 from .weights import live_rows
 
-_BUILTIN = {"reference": "dsv4.portable.reference", "mlx": "dsv4.backends.mlx",
+_BUILTIN = {"reference": "dsv4.portable.reference", "cpu": "dsv4.backends.cpu", "mlx": "dsv4.backends.mlx",
             "cuda": "dsv4.backends.cuda", "onnx": "dsv4.backends.onnx"}
 _FACTORIES: dict = {}
 _READS_DIRECTORY: set = set()          # backends whose make_runner takes the model directory

@@ -1,0 +1,111 @@
+"""Weights in the CPU backend's memory, at their stored size: FP8/FP4 codes and BF16 words as the
+checkpoint holds them, read once with `Checkpoint.read` (no lasting memory map, so the process holds the
+weights once), scales decoded to float32 at load (1/16384 of an FP8 weight's bytes, 1/16 of an FP4's).
+
+Each layer's routed experts are stacked per projection into an `ExpertBank` ([E, rows·row-bytes] codes,
+[E, …] scales) that the fused expert kernel addresses by expert id; indexing the bank gives per-expert
+`CpuLinear` views (no copy) for the grouped prefill path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...portable import quant
+from ...portable.checkpoint import EXPERT_PROJ
+from ...portable.weights import WeightStore
+from . import kernels
+
+_FMT = {"fp8": kernels.FP8, "fp4": kernels.FP4, "float": kernels.BF16}
+NO_SCALE = np.ones((1, 1), np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class CpuLinear:
+    """A stored linear weight of logical shape (out, in): `codes` flat row-major (uint8 e4m3 or packed
+    e2m1, uint16 bf16 words), `scale` float32 (FP8 [ceil(out/128), ceil(in/128)], FP4 [out, in/32],
+    BF16 `NO_SCALE`), `fmt` a `kernels` format code."""
+
+    fmt: int
+    codes: np.ndarray
+    scale: np.ndarray
+    shape: tuple
+
+    def dense(self) -> np.ndarray:
+        out = np.empty(self.shape, np.float32)
+        kernels.decode_rows(self.fmt, self.codes, self.scale, self.shape[1], 0, out)
+        return out
+
+
+def _scale_f32(scale: np.ndarray) -> np.ndarray:
+    return quant.e8m0_to_f32(scale).astype(np.float32) if scale.dtype == np.uint8 else np.array(scale, np.float32)
+
+
+def kernel_form(qw: quant.QuantWeight, codes: np.ndarray | None = None):
+    """`qw` as a `CpuLinear` (its codes copied out of the map unless `codes` already holds them), or a
+    float32 array for float weights the kernels do not read (float16/32/64)."""
+    if qw.fmt == "float" and qw.data.dtype != np.uint16:
+        return np.array(qw.data, np.float32)
+    if codes is None:
+        codes = np.array(qw.data).reshape(-1)
+    scale = NO_SCALE if qw.scale is None else _scale_f32(np.asarray(qw.scale))
+    return CpuLinear(_FMT[qw.fmt], codes, scale, qw.shape)
+
+
+class ExpertBank:
+    """The routed experts of one layer: per projection, codes [E, ·] and scales [E, …]."""
+
+    def __init__(self, w1: CpuLinear, w2: CpuLinear, w3: CpuLinear, count: int):
+        self.w1, self.w2, self.w3, self.count = w1, w2, w3, count
+        self.fmt = w1.fmt
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, e):
+        if not 0 <= e < self.count:
+            raise IndexError(e)
+        return tuple(CpuLinear(w.fmt, w.codes[e], w.scale[e], w.shape) for w in (self.w1, self.w2, self.w3))
+
+
+class CpuWeights(WeightStore):
+    """The CPU backend's conversions for the schema-driven store (`portable.weights`); declared as
+    `backends.catalog.HOLDINGS["cpu"]`."""
+
+    def __init__(self, cfg, ckpt, dtype=np.float32):
+        super().__init__(cfg, ckpt)
+        self.dt = dtype
+
+    def _codes(self, prefix: str) -> np.ndarray:
+        return self.ckpt.read(f"{prefix}.weight").reshape(-1)
+
+    def linear(self, prefix):
+        qw = self.ckpt.quant_weight(prefix)
+        return kernel_form(qw, self._codes(prefix) if qw.fmt != "float" or qw.data.dtype == np.uint16 else None)
+
+    def plain(self, name):
+        """A BF16 matrix the graph only multiplies by (the head, router gate, compressor and indexer
+        projections: every 2-D BF16 tensor but the embedding) stays BF16 words for the kernels."""
+        spec = self.ckpt.spec(name)
+        if spec.dtype == "BF16" and len(spec.shape) == 2 and name != "embed.weight":
+            return CpuLinear(kernels.BF16, self.ckpt.read(name).reshape(-1), NO_SCALE, tuple(spec.shape))
+        return self.ckpt.array(name, np.float32).astype(self.dt)
+
+    def table(self, name):
+        return self.ids(name)
+
+    def bank(self, entry):
+        held = list(self.expert_ids(entry))
+        projs = []
+        for p in EXPERT_PROJ:
+            names = [f"{entry.name}{e}.{p}" for e in held]
+            first = self.ckpt.quant_weight(names[0])
+            codes = np.empty((len(held), first.data.size), first.data.dtype)
+            scales = []
+            for i, name in enumerate(names):
+                self.ckpt.read(f"{name}.weight", out=codes[i])
+                scales.append(_scale_f32(np.asarray(self.ckpt.quant_weight(name).scale)))
+            projs.append(CpuLinear(_FMT[first.fmt], codes, np.stack(scales), first.shape))
+        return ExpertBank(*projs, len(held))
