@@ -46,3 +46,13 @@ def test_generate_on_cuda_without_a_gpu(dsv4_cli, model_args):
     r = dsv4_cli("generate", "Hello", *model_args, "--backend", "cuda", "-n", 2, "--json")
     assert r.stderr.splitlines() == [WARNING]
     assert json_out(r)["backend"] == "cuda"
+
+
+def test_auto_picks_the_cpu_backend_on_a_machine_without_gpu_or_mac(monkeypatch, tiny_dir):
+    """The stored-format CPU kernels first, whatever else is installed; the reference without numba."""
+    monkeypatch.setattr(resolve, "gpu_visible", lambda: False)
+    monkeypatch.setattr(resolve, "apple_silicon", lambda: False)
+    monkeypatch.setattr(resolve, "backend_available", lambda name: True)
+    assert resolve.pick_backend("auto", tiny_dir) == "cpu"
+    monkeypatch.setattr(resolve, "backend_available", lambda name: name != "cpu")
+    assert resolve.pick_backend("auto", tiny_dir) == "reference"

@@ -9,9 +9,8 @@ Steps, each with a one-line error when it cannot proceed:
    random weights; `tiny`/`tiny2`: the test checkpoints; the random ones built with a progress bar).
 2. `pick_backend`: `auto` follows the directory (converted for MLX → mlx, an ONNX export → onnx), then
    the hardware (MLX on Apple silicon, CUDA when a GPU is visible), then the fastest installed CPU
-   backend.  On this project's CPU runs the NumPy reference decodes the tiny/demo models fastest
-   (≈45 ms/token vs ≈130 ms for MLX-on-CPU and slower for torch-on-CPU, see `dsv4 bench`), so it leads
-   the CPU list.
+   backend: `cpu` (stored-format kernels, `benchmarks/cpu.py`), then the NumPy reference, then MLX on
+   the CPU (its CPU kernels are slow); never torch on the CPU.
 3. `estimate_memory` / `check_memory`: weights (as the backend holds them) + state at the context +
    working buffers, against the memory available to that backend; refuse with the numbers unless
    `--force`.  `DSV4_MEMORY_LIMIT` (e.g. `8G`) overrides the detected amount.
@@ -41,7 +40,7 @@ DEFAULT_MODEL = "demo"
 DEFAULT_CONTEXT = 4096
 BACKEND_CHOICES = ("auto", *backend_names())
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
-CPU_PREFERENCE = ("reference", "mlx")          # never cuda: torch on the CPU is the slowest here
+CPU_PREFERENCE = ("cpu", "reference", "mlx")   # never cuda: torch on the CPU is the slowest here
 DEMO_NOTICE = ("note: the demo model is a tiny DeepSeek V4 trained on integer arithmetic only (A + B and A - B up "
                "to 99, A times B up to 12: try \"What is 37 + 45?\"); pass --model DIR for a real checkpoint")
 RANDOM_DEMO_NOTICE = ("note: the demo-random model has random weights (the V4 architecture at tiny sizes with the "

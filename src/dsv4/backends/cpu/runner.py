@@ -1,9 +1,11 @@
 """`CpuRunner`: the eager graph runner on `CpuOps`, with the thread count the user asked for.
 
-Threads: the kernels run on numba's pool and the other products on NumPy's BLAS, one after the other, so
-each may use every core without the two oversubscribing them.  `threads` (default: the cores this process
-may run on, or OMP_NUM_THREADS when set) bounds both: BLAS through threadpoolctl (process-wide), numba per
-calling thread, which is why each step sets it (a server steps from its worker thread).
+Threads: the kernels run on numba's pool, `threads` of them (default: the cores this process may run on,
+or OMP_NUM_THREADS when set), set per step because numba's count is per calling thread (a server steps
+from its worker thread).  NumPy's BLAS runs one thread during a step: its idle threads spin-wait for work
+and so do numba's OpenMP ones, and the two pools alternating on the same cores made a medium-model decode
+step 5-6x slower (48 ms → 240-300 ms, prefill 63 → 4 tok/s on 2 cores); the BLAS products left in a step
+(attention over the state, mHC) are small, and prefill's large ones still reach the goal single-threaded.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 
 import numba
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from ...portable.runtime import GraphRunner
 from .ops import CpuOps
@@ -34,15 +36,19 @@ class CpuRunner(GraphRunner):
         if want < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.threads = min(want, numba.config.NUMBA_NUM_THREADS)
-        self._blas = threadpool_limits(self.threads, user_api="blas")
+        self._pools = ThreadpoolController()
+
+    def _threads(self):
+        numba.set_num_threads(self.threads)
+        return self._pools.limit(limits=1, user_api="blas")
 
     def step(self, state, ids: np.ndarray):
-        numba.set_num_threads(self.threads)
-        return super().step(state, ids)
+        with self._threads():
+            return super().step(state, ids)
 
     def mtp_step(self, state, streams, ids_next, with_streams=False, draft=False):
-        numba.set_num_threads(self.threads)
-        return super().mtp_step(state, streams, ids_next, with_streams, draft)
+        with self._threads():
+            return super().mtp_step(state, streams, ids_next, with_streams, draft)
 
 
 def make_runner(cfg, ckpt, dtype="float32", emulate=False, state_format="bf16", threads=None, **_):
