@@ -2,6 +2,10 @@
 
 import json
 
+from dsv4.cli.resolve import CPU_PREFERENCE, backend_available
+
+AUTO_CPU = next(b for b in CPU_PREFERENCE if backend_available(b))     # what --backend auto picks here (no GPU)
+
 
 def error_line(result) -> str:
     """The single stderr line of a failed command (asserting there is exactly one and no traceback)."""

@@ -9,12 +9,14 @@ import pytest
 
 from dsv4.cli.session import FIRST_PREFILL
 
+from .cli_helpers import AUTO_CPU
+
 pexpect = pytest.importorskip("pexpect")
 
 PROMPT = ">>> "
 STATS = re.compile(rf"(\d+) tokens? (?:· [\d.]+ tok/s )?· prompt (\d+) tokens?(?:, (\d+) cached,)? in [\d.]+ s "
                    rf"\([\d.]+ tok/s(; {re.escape(FIRST_PREFILL)})?\) · peak RSS [\d.]+ \w+ · "
-                   rf"context (\d+)/256 · (\w+) · reference/float32")
+                   rf"context (\d+)/256 · (\w+) · {AUTO_CPU}/float32")
 
 
 @pytest.fixture

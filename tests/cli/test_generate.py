@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from .cli_helpers import error_line, json_out
+from .cli_helpers import AUTO_CPU, error_line, json_out
 
 import dsv4
 from dsv4.cli.session import FIRST_PREFILL
@@ -33,7 +33,7 @@ def test_json_matches_library_generation(dsv4_cli, model_args, expected):
     assert out["usage"]["prompt_tokens"] == expected["prompt"]
     assert out["usage"]["completion_tokens"] == expected["tokens"]
     assert out["finish_reason"] == ("length" if expected["tokens"] == 10 else "stop")
-    assert out["backend"] == "reference" and out["tool_calls"] == []
+    assert out["backend"] == AUTO_CPU and out["tool_calls"] == []
     assert out["timings"]["decode_tok_s"] > 0
 
 
@@ -46,7 +46,7 @@ def test_streamed_stdout_is_the_answer_and_stats_go_to_stderr(dsv4_cli, model_ar
 
 STATS = re.compile(rf"(\d+) tokens? (?:· ([\d.]+) tok/s )?· prompt (\d+) tokens? in [\d.]+ s \(([\d.]+) tok/s"
                    rf"(; {re.escape(FIRST_PREFILL)})?\) · peak RSS ([\d.]+) (MiB|GiB) · "
-                   rf"context (\d+)/256 · (length|stop) · reference/float32")
+                   rf"context (\d+)/256 · (length|stop) · {AUTO_CPU}/float32")
 
 
 def test_stats_line_has_prompt_rate_and_peak_memory(dsv4_cli, model_args, expected):
@@ -104,7 +104,7 @@ def test_thinking_mode_reports_reasoning(dsv4_cli, model_args):
 @pytest.mark.parametrize("args,code,message", [
     (["--model", "/no/such/dir"], 3,
      "error: model directory not found: /no/such/dir (pass a checkpoint directory"),
-    (["--backend", "tpu"], 4, "error: unknown backend 'tpu'; choose one of auto, cuda, mlx, onnx, reference"),
+    (["--backend", "tpu"], 4, "error: unknown backend 'tpu'; choose one of auto, cpu, cuda, mlx, onnx, reference"),
     (["--top-p", "0"], 2, "error: --top-p must be in (0, 1], got 0.0"),
     (["--temperature", "-1"], 2, "error: --temperature must be 0 (greedy) or at least 0.0001, got -1.0"),
     (["--max-tokens", "0"], 2, "error: --max-tokens must be ≥ 1, got 0"),
@@ -136,7 +136,7 @@ def test_memory_refusal_and_force(dsv4_cli, model_args):
     r = dsv4_cli("generate", "hi", *model_args, "-n", 2, env={"DSV4_MEMORY_LIMIT": "20M"})
     assert r.exit_code == 5
     line = error_line(r)
-    assert line.startswith("error: not enough memory: the reference backend needs about ")
+    assert line.startswith(f"error: not enough memory: the {AUTO_CPU} backend needs about ")
     assert "but 20.0 MiB is free (DSV4_MEMORY_LIMIT)" in line and line.endswith("or pass --force")
     forced = dsv4_cli("generate", "hi", *model_args, "-n", 2, "--force", env={"DSV4_MEMORY_LIMIT": "20M"})
     assert forced.exit_code == 0, forced.output

@@ -1,6 +1,6 @@
 """`dsv4 info` and `dsv4 bench` on the tiny checkpoint, checked against the library's own numbers."""
 
-from .cli_helpers import error_line, json_out
+from .cli_helpers import AUTO_CPU, error_line, json_out
 
 from dsv4.portable.cache import state_bytes
 from dsv4.portable.checkpoint import Checkpoint
@@ -46,7 +46,7 @@ def test_info_errors(dsv4_cli, tmp_path):
 def test_bench_json(dsv4_cli, model_args):
     out = json_out(dsv4_cli("bench", *model_args, "--prompt-tokens", 40, "--gen-tokens", 4,
                             "--prefill-chunk", 16, "--json"))
-    assert out["backend"] == "reference" and out["prompt_tokens"] == 40 and out["gen_tokens"] == 4
+    assert out["backend"] == AUTO_CPU and out["prompt_tokens"] == 40 and out["gen_tokens"] == 4
     assert out["prefill_tok_s"] > 0 and out["decode_tok_s"] > 0
     assert abs(out["prefill_tok_s"] - 40 / out["prefill_s"]) < 0.05 * out["prefill_tok_s"]
     assert out["peak_rss_bytes"] > 50 << 20

@@ -11,7 +11,7 @@ import dsv4
 from dsv4.portable.encoding import official_tokenizer_path
 
 from ..hf_cache import fake_hf_cache
-from .cli_helpers import error_line, json_out
+from .cli_helpers import AUTO_CPU, error_line, json_out
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_an_unrelated_manifest_does_not_make_an_export(dsv4_cli, ckpt_copy):
     (ckpt_copy / "manifest.json").write_text(json.dumps({"description": "my notes"}))
     assert json_out(dsv4_cli("info", "--model", ckpt_copy, "--json"))["format"] == "official"
     out = json_out(dsv4_cli("generate", "Hi", "--model", ckpt_copy, "--context", 128, "-n", 2, "--json"))
-    assert out["backend"] == "reference"
+    assert out["backend"] == AUTO_CPU
 
 
 def test_the_context_rule_is_the_api_rule(dsv4_cli, tiny_dir):
