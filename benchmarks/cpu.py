@@ -63,8 +63,8 @@ def decode_bytes(model) -> int:
     bank (the embedding: one row, ignored)."""
     from dsv4.backends.cpu.weights import CpuLinear, ExpertBank
     cfg, total = model.config, 0
-    for value in model.runner.weights._cache.values():
-        if isinstance(value, CpuLinear):
+    for name, value in model.runner.weights._cache.items():
+        if isinstance(value, CpuLinear) and name != "embed.weight":
             total += value.codes.nbytes + value.scale.nbytes
         elif isinstance(value, ExpertBank):
             bank = sum(w.codes.nbytes + w.scale.nbytes for w in (value.w1, value.w2, value.w3))
@@ -95,6 +95,15 @@ def split(model, state, tok, steps: int) -> dict:
     return {k: v / total for k, v in parts.items()}
 
 
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM: unlike ru_maxrss it does not carry the parent's peak
+    across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(path: str, backend: str, threads: int, prompt: int, decode: int) -> dict:
     import dsv4
     kw = {"threads": threads} if backend == "cpu" else {}
@@ -111,7 +120,7 @@ def worker(path: str, backend: str, threads: int, prompt: int, decode: int) -> d
     tok = ids[None, -1:]
     out = {"path": path, "backend": backend, "threads": threads, "load_s": load_s,
            "prefill_tok_s": prompt / prefill, "decode_tok_s": 1 / float(np.median(steps)),
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "peak_rss_bytes": peak_rss(),
            "checkpoint_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))}
     if backend == "cpu":
         out["decode_weight_bytes"] = decode_bytes(model)
@@ -149,7 +158,6 @@ def main() -> None:
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
     runs = [(str(ensure_tiny("tiny")), "cpu"), (str(ensure_tiny("tiny")), "reference"),
             (str(medium_checkpoint(args.medium)), "cpu")]
-    memcpy = memcpy_gbs()
     results = []
     for path, backend in runs:
         r = subprocess.run([sys.executable, __file__, "--worker", path, backend, "--threads", str(args.threads),
@@ -158,6 +166,7 @@ def main() -> None:
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
     if args.gguf and args.llama_bench:
         results.append(llama(args.gguf, args.llama_bench, args.threads, args.prompt, args.decode))
+    memcpy = memcpy_gbs()
     print(f"memcpy (one copy, numpy): {memcpy:.1f} GB/s; {args.threads} threads; prompt {args.prompt}, "
           f"decode {args.decode}")
     print(f"{'model':<8} {'backend':<10} {'prefill tok/s':>13} {'decode tok/s':>12} {'MB/token':>9} "

@@ -56,3 +56,11 @@ def test_auto_picks_the_cpu_backend_on_a_machine_without_gpu_or_mac(monkeypatch,
     assert resolve.pick_backend("auto", tiny_dir) == "cpu"
     monkeypatch.setattr(resolve, "backend_available", lambda name: name != "cpu")
     assert resolve.pick_backend("auto", tiny_dir) == "reference"
+
+
+def test_threads_reach_the_cpu_backend(tiny_dir, dsv4_cli, model_args):
+    pytest.importorskip("numba")
+    assert resolve.load_model(str(tiny_dir), "cpu", threads=1, quiet=True).runner.threads == 1
+    assert resolve.load_model(str(tiny_dir), "reference", threads=1, quiet=True).backend == "reference"
+    r = dsv4_cli("generate", "Hello", *model_args, "--threads", 0)
+    assert r.exit_code != 0 and r.stderr.strip() == "error: --threads must be at least 1, got 0"

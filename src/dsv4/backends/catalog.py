@@ -9,16 +9,17 @@ import importlib.util
 
 from ..portable.weights import Holding
 
-REQUIRES = {"reference": (), "cpu": ("numba", "threadpoolctl"), "mlx": ("mlx",), "cuda": ("torch",), "onnx": ("onnxruntime", "onnx")}
+REQUIRES = {"reference": (), "cpu": ("numba", "threadpoolctl"), "mlx": ("mlx",), "cuda": ("torch",),
+            "onnx": ("onnxruntime", "onnx")}
 
 HOLDINGS = {
     # portable.reference.NumpyWeights: the checkpoint memory-mapped, quantized weights read in place and
     # dequantized per use (dense copies cached up to 1 GiB), float tensors decoded to float32/64, int64 ids
     "reference": Holding(linear="mapped", plain="compute", fp32="compute", table=8, min_float=4, mapped=True,
                          dense_cache=1 << 30),
-    # backends.cpu.weights: codes and BF16 matrices as stored (read into memory), scales float32, other float
-    # tensors (the embedding among them) in float32, int64 ids
-    "cpu": Holding(scales="float32", plain="compute", fp32="compute", table=8, min_float=4),
+    # backends.cpu.weights: codes and float matrices as stored (read into memory), scales float32, the other
+    # float tensors in float32, int64 ids
+    "cpu": Holding(scales="float32", plain="matrices", fp32="matrices", table=8, min_float=4),
     # backends.mlx.weights: FP4 and FP8 codes as stored, FP8 block scales repeated per 32 inputs (mxfp8),
     # float tensors in their stored dtype except the FP32 role, int32 ids
     "mlx": Holding(scales="per32", plain="stored", fp32="float32", table=4),

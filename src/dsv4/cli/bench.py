@@ -134,7 +134,7 @@ def measure_drafts(model, ks: list, prompt_tokens: int, gen_tokens: int, chunk: 
 
 def bench(
     model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtype = "auto",
-    context: opt.Context = None, force: opt.Force = False, parallel: opt.Parallel = None,
+    context: opt.Context = None, force: opt.Force = False, parallel: opt.Parallel = None, threads: opt.Threads = None,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p", help="Tokens to prefill.")] = 512,
     gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", help="Tokens to decode.")] = 64,
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prefill chunk length.")] = 256,
@@ -151,7 +151,8 @@ def bench(
     need = prompt_tokens + gen_tokens + 1
     if context is not None and context < need:
         raise CliError(f"--context {context} is too small for {prompt_tokens} + {gen_tokens} tokens", EXIT_USAGE)
-    m = load_model(model, backend, dtype, context or None, force, quiet=json_out, parallel=parallel)
+    m = load_model(model, backend, dtype, context or None, force, quiet=json_out, parallel=parallel,
+                   threads=threads)
     m.check_length(need)
     opt.check_draft_tokens(max(ks, default=0), m)
     result = measure(m, prompt_tokens, gen_tokens, prefill_chunk, seed)

@@ -236,6 +236,7 @@ class Repl:
 
 def chat(model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtype = "auto",
          context: opt.Context = None, force: opt.Force = False, parallel: opt.Parallel = None,
+         threads: opt.Threads = None,
          system: opt.System = None,
          mode: opt.Mode = "chat", max_tokens: opt.MaxTokens = 512, temperature: opt.Temperature = 0.6,
          top_p: opt.TopP = 0.95, top_k: opt.TopK = 0, min_p: opt.MinP = 0.0,
@@ -251,7 +252,7 @@ def chat(model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtyp
     opt.check_mode(mode)
     opt.check_above_zero("--prompt-cache-gb", prompt_cache_gb)
     opt.check_draft_tokens(draft_tokens)
-    m = load_model(model, backend, dtype, context, force, parallel=parallel)
+    m = load_model(model, backend, dtype, context, force, parallel=parallel, threads=threads)
     opt.check_draft_tokens(draft_tokens, m)
     session = ChatSession(m, mode=mode, system=system, sampling=sampling, max_tokens=max_tokens,
                           prompt_store=opt.prompt_store(m, prompt_cache, prompt_cache_gb),

@@ -35,7 +35,7 @@ def read_prompt(prompt: str | None) -> str:
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' or nothing reads it from stdin.")] = None,
     model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtype = "auto",
-    context: opt.Context = None, force: opt.Force = False, parallel: opt.Parallel = None,
+    context: opt.Context = None, force: opt.Force = False, parallel: opt.Parallel = None, threads: opt.Threads = None,
     system: opt.System = None, mode: opt.Mode = "chat", max_tokens: opt.MaxTokens = 256,
     temperature: opt.Temperature = 0.0, top_p: opt.TopP = 1.0, top_k: opt.TopK = 0, min_p: opt.MinP = 0.0,
     repetition_penalty: opt.RepetitionPenalty = 1.0, seed: opt.Seed = None, stop: opt.Stop = None,
@@ -49,7 +49,7 @@ def generate(
     opt.check_mode(mode)
     text = read_prompt(prompt)
     opt.check_draft_tokens(draft_tokens)
-    m = load_model(model, backend, dtype, context, force, parallel=parallel)
+    m = load_model(model, backend, dtype, context, force, parallel=parallel, threads=threads)
     opt.check_draft_tokens(draft_tokens, m)
     session = ChatSession(m, mode=mode, system=system, sampling=sampling, max_tokens=max_tokens, stop=stop or (),
                           draft_tokens=draft_tokens)

@@ -27,6 +27,9 @@ Force = Annotated[bool, typer.Option("--force", help="Load even if the memory es
 Parallel = Annotated[Optional[int], typer.Option(
     "--parallel", help="Split the model over N local ranks (tensor + expert parallel; cuda/torch or mlx "
                        "backend). Under torchrun or mlx.launch the ranks come from the launcher.")]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", help="CPU threads for the cpu and onnx backends (default: every core this process may use, "
+                      "or OMP_NUM_THREADS).")]
 Mode = Annotated[str, typer.Option("--mode", help="chat (no reasoning), thinking (high effort) or max.")]
 System = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate per answer.")]

@@ -41,6 +41,7 @@ DEFAULT_CONTEXT = 4096
 BACKEND_CHOICES = ("auto", *backend_names())
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 CPU_PREFERENCE = ("cpu", "reference", "mlx")   # never cuda: torch on the CPU is the slowest here
+THREADED = ("cpu", "onnx")                      # backends whose runner takes `threads`
 DEMO_NOTICE = ("note: the demo model is a tiny DeepSeek V4 trained on integer arithmetic only (A + B and A - B up "
                "to 99, A times B up to 12: try \"What is 37 + 45?\"); pass --model DIR for a real checkpoint")
 RANDOM_DEMO_NOTICE = ("note: the demo-random model has random weights (the V4 architecture at tiny sizes with the "
@@ -254,10 +255,11 @@ def resolve_context(cfg: ModelConfig, context: int | None) -> int:
 
 
 def load_model(model: str | None, backend: str = "auto", dtype: str = "auto", context: int | None = None,
-               force: bool = False, quiet: bool = False, parallel: int | None = None):
+               force: bool = False, quiet: bool = False, parallel: int | None = None, threads: int | None = None):
     """Resolve, check memory and load; prints the demo notice (unless `quiet`) and, while a backend reads
     its weights into its own memory, a progress bar on stderr.  `parallel` N > 1 (or a launcher's ranks)
-    loads this process as rank 0 of N (`cli.parallel`)."""
+    loads this process as rank 0 of N (`cli.parallel`).  `threads` bounds the CPU threads of the backends
+    that take it (cpu, onnx); the others use their libraries' own settings."""
     import dsv4
     from .parallel import launched_world, load_parallel
     path = model_dir(model)
@@ -267,6 +269,9 @@ def load_model(model: str | None, backend: str = "auto", dtype: str = "auto", co
     ctx = resolve_context(cfg, context)
     if parallel is not None and parallel < 1:
         raise CliError(f"--parallel must be at least 1, got {parallel}", EXIT_USAGE)
+    if threads is not None and threads < 1:
+        raise CliError(f"--threads must be at least 1, got {threads}", EXIT_USAGE)
+    options = {"threads": threads} if threads and name in THREADED else {}
     launched = launched_world()
     world = launched[1] if launched else (parallel or 1)
     est = estimate_memory(cfg, path, name, dt, ctx)
@@ -287,6 +292,6 @@ def load_model(model: str | None, backend: str = "auto", dtype: str = "auto", co
         try:
             if world > 1:
                 return load_parallel(path, name, dt, ctx, parallel, progress)
-            return dsv4.load(path, backend=name, dtype=dt, context=ctx, progress=progress)
+            return dsv4.load(path, backend=name, dtype=dt, context=ctx, progress=progress, **options)
         except ValueError as e:               # also a dtype the backend lacks, an unreadable converted dir…
             raise as_cli_error(e) or CliError(str(e).splitlines()[0], EXIT_USAGE) from None

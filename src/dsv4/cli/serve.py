@@ -49,7 +49,7 @@ def serve(model: str | None = None, backend: str = "auto", host: str = "127.0.0.
           cache_size: int = 8, force: bool = False, log_level: str = "info", max_body_mb: float | None = None,
           read_timeout: float = 20.0, allowed_hosts: tuple | None = None, default_mode: str = "chat",
           allowed_origins: tuple = (), prompt_cache_dir: str | None = None, prompt_cache_gb: float = 8.0,
-          parallel: int | None = None, draft_tokens: int | None = None) -> None:
+          parallel: int | None = None, draft_tokens: int | None = None, threads: int | None = None) -> None:
     """Blocking: serve `model` (a checkpoint directory or a preset name; default demo) until interrupted.
 
     Clients address the model as `served_model_name` (default: the directory or preset name).  Request
@@ -62,7 +62,8 @@ def serve(model: str | None = None, backend: str = "auto", host: str = "127.0.0.
     sock = listen_socket(host, port)
     try:
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        loaded = load_model(model, backend=backend, dtype=dtype, context=context, force=force, parallel=parallel)
+        loaded = load_model(model, backend=backend, dtype=dtype, context=context, force=force, parallel=parallel,
+                            threads=threads)
         check_draft_tokens(draft_tokens, loaded)
         store = prompt_store(loaded, prompt_cache_dir, prompt_cache_gb)
         name = served_model_name or Path(str(model or DEFAULT_MODEL)).expanduser().name

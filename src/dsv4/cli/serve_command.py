@@ -31,7 +31,7 @@ def _comma_list(value: str | None, flag: str, what: str) -> tuple | None:
 
 def serve(
     model: opt.Model = None, backend: opt.Backend = "auto", dtype: opt.Dtype = "auto",
-    context: opt.Context = None, force: opt.Force = False, parallel: opt.Parallel = None,
+    context: opt.Context = None, force: opt.Force = False, parallel: opt.Parallel = None, threads: opt.Threads = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DSV4_API_KEY",
@@ -80,7 +80,7 @@ def serve(
         raise CliError(f"the server needs the serve extra ({e.name or e} is missing): "
                        f"{install_command('serve')}", EXIT_BACKEND) from None
     server.serve(model=model, backend=backend, host=host, port=port, api_key=api_key, max_queue=max_queue,
-                 context=context, dtype=dtype, force=force, parallel=parallel, max_batch=max_batch,
+                 context=context, dtype=dtype, force=force, parallel=parallel, threads=threads, max_batch=max_batch,
                  served_model_name=served_model_name, log_level=log_level, max_body_mb=max_body_mb,
                  read_timeout=read_timeout, allowed_hosts=hosts, default_mode=default_mode,
                  allowed_origins=origins, prompt_cache_dir=prompt_cache_dir, prompt_cache_gb=prompt_cache_gb,

@@ -259,9 +259,9 @@ class HeadRows(NamedTuple):
 
     @classmethod
     def of(cls, o: Ops, head, ids) -> HeadRows:
-        """The rows `ids` (host ints) of the loaded `head`."""
+        """The rows `ids` (host ints) of the loaded `head`, dense."""
         idx = o.asarray(ids, "int")
-        return cls(idx, o.take(head, idx, 0))
+        return cls(idx, o.weight_rows(head, idx))
 
 
 def _head(o: Ops, cfg: ModelConfig, W, p: str, h, head: HeadRows | None = None, widen: bool = True):
@@ -278,11 +278,11 @@ def embed(o: Ops, cfg: ModelConfig, W, ids):
     """Embedding rows of ids [B,S]; a rank holds one vocabulary part and looks up only the ids in it (the
     others give exact zeros), so the sum over ranks is the lookup."""
     if o.world == 1:
-        return o.act(o.take(W["embed.weight"], ids, 0))
+        return o.act(o.weight_rows(W["embed.weight"], ids))
     part = shard(cfg, o.rank, o.world).vocab
     local = ids - part.start
     mine = (local >= 0) & (local < len(part))
-    e = o.take(W["embed.weight"], o.where(mine, local, 0), 0)
+    e = o.weight_rows(W["embed.weight"], o.where(mine, local, 0))
     return o.act(o.all_reduce(o.where(o.reshape(mine, list(ids.shape) + [1]), o.hp(e), 0.0)))
 
 

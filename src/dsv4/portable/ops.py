@@ -204,6 +204,17 @@ class Ops:
     def dense(self, w):                              # a loaded weight as a dense compute-dtype array
         raise NotImplementedError
 
+    def weight_rows(self, w, idx):
+        """Rows idx (any int array) of a loaded weight [N, K] as dense compute-dtype values [*idx, K] (an
+        embedding lookup, a head's live rows); a backend holding the weight in a compact form decodes only
+        those rows."""
+        return self.take(self.dense(w), idx, 0)
+
+    def row_absmax(self, w):
+        """The largest |value| of each row of a loaded weight [N] (what finds a head's live rows); a backend
+        holding the weight in a compact form may answer without densifying it."""
+        return self.max(self.abs(self.dense(w)), -1)
+
     # ------------------------------------------------------------------ numerics emulation hooks (§9.3)
     def kv_round(self, x, nope):                     # FP8 rounding of the first `nope` dims of KV entries
         return x

@@ -154,8 +154,8 @@ class GraphRunner(StateRunner):
         if self._live is None:
             o, ids = self.ops, None
             if o.world == 1:
-                head = o.dense(self.weights["head.weight"])
-                ids = live_rows(o.to_numpy(o.max(o.abs(head), -1)))
+                head = self.weights["head.weight"]
+                ids = live_rows(o.to_numpy(o.row_absmax(head)))
             self._live = (ids, None if ids is None else graph.HeadRows.of(o, head, ids))
         return self._live[1]
 

@@ -155,9 +155,10 @@ _COMPUTE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 class Holding:
     """How a backend holds each role, for estimates.  Float forms: "stored" (the checkpoint's bytes),
     "compute" (the run's dtype, at least `min_float` bytes), "float32", "widest" (the wider of stored and
-    compute); linears: "stored" (copied as stored), "mapped" (read in place from the memory-mapped
-    checkpoint: nothing beyond the map) or "dense" (dequantized to the compute dtype), their scales
-    "stored", "float32" or "per32" (one byte per 32 inputs: MLX's mxfp8 form of an FP8 block scale)."""
+    compute), "matrices" (2-D tensors as stored, the others in the compute dtype); linears: "stored"
+    (copied as stored), "mapped" (read in place from the memory-mapped checkpoint: nothing beyond the
+    map) or "dense" (dequantized to the compute dtype), their scales "stored", "float32" or "per32" (one
+    byte per 32 inputs: MLX's mxfp8 form of an FP8 block scale)."""
     linear: str = "stored"
     scales: str = "stored"
     plain: str = "compute"
@@ -219,4 +220,6 @@ def _linear_bytes(tensors, scales: str) -> int:
 
 def _float_bytes(spec, form: str, item: int) -> int:
     n, stored = math.prod(spec.shape), NP_DTYPE[spec.dtype].itemsize
+    if form == "matrices":
+        form = "stored" if len(spec.shape) == 2 else "compute"
     return n * {"stored": stored, "compute": item, "float32": 4, "widest": max(stored, item)}[form]

@@ -48,12 +48,13 @@ def test_linear_matches_decomposition(fmt, n, k, m):
 
 
 @pytest.mark.parametrize("fmt,n,k", [("fp8", 200, 160), ("fp8", 130, 33), ("fp4", 129, 96), ("float", 77, 95)])
-def test_tile_decode_is_exact(fmt, n, k):
+def test_row_decode_is_exact(fmt, n, k):
+    """A tile of consecutive rows and an arbitrary pick (repeats, the last row: an embedding lookup)."""
     qw = _weights(fmt, n, k)
-    cw = kernel_form(qw)
-    tile = np.empty((n - 5, k), np.float32)
-    kernels.decode_rows(cw.fmt, cw.codes, cw.scale, k, 5, tile)
-    np.testing.assert_array_equal(tile, quant.dequantize(qw, np.float32)[5:])
+    cw, dense = kernel_form(qw), quant.dequantize(qw, np.float32)
+    np.testing.assert_array_equal(cw.rows(np.arange(5, n)), dense[5:])
+    pick = np.array([[3, 0], [3, n - 1]])
+    np.testing.assert_array_equal(cw.rows(pick), dense[pick])
 
 
 def test_every_e4m3_code_decodes_exactly():
@@ -65,9 +66,7 @@ def test_every_e4m3_code_decodes_exactly():
     for s in (127, 1, 254):
         scale = np.full((1, 3), s, np.uint8)
         qw = quant.QuantWeight("fp8", codes, scale, codes.shape)
-        cw = kernel_form(qw)
-        tile = np.empty(codes.shape, np.float32)
-        kernels.decode_rows(cw.fmt, cw.codes, cw.scale, codes.shape[1], 0, tile)
+        tile = kernel_form(qw).dense()
         with np.errstate(over="ignore"):                         # 448 · 2^127 is inf in float32 either way
             np.testing.assert_array_equal(tile, quant.dequantize(qw, np.float32))
         tiles[s] = tile
@@ -93,9 +92,7 @@ def test_every_e2m1_code_decodes_exactly():
     for s in (127, 1, 254, 0):
         scale = np.full((8, 2), s, np.uint8)
         qw = quant.QuantWeight("fp4", packed, scale, (8, 64))
-        cw = kernel_form(qw)
-        tile = np.empty((8, 64), np.float32)
-        kernels.decode_rows(cw.fmt, cw.codes, cw.scale, 64, 0, tile)
+        tile = kernel_form(qw).dense()
         with np.errstate(over="ignore"):                         # 6 · 2^127 is inf in float32 either way
             np.testing.assert_array_equal(tile, quant.dequantize(qw, np.float32))
     assert set(np.unique(np.abs(quant.dequantize(quant.QuantWeight("fp4", packed, np.full((8, 2), 127, np.uint8),
@@ -142,3 +139,27 @@ def test_fused_experts_match_per_expert_decomposition(fmt):
             u = np.clip(x[m] @ w3.T, -limit, limit)
             ref[m] += (g / (1 + np.exp(-g)) * u * wts[m, j]) @ w2.T
     assert _rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4", "float"])
+def test_row_absmax_without_densifying(fmt):
+    """CpuOps.row_absmax (the head's live rows) == max |dense row|, zero rows included."""
+    from dsv4.backends.cpu.ops import CpuOps
+    qw = _weights(fmt, 300, 64)
+    cw = kernel_form(qw)
+    cw.codes.reshape(300, -1)[[7, 299]] = 0
+    want = np.abs(quant.dequantize(quant.QuantWeight(qw.fmt, cw.codes.reshape(qw.data.shape), qw.scale, qw.shape),
+                                   np.float32)).max(-1)
+    got = CpuOps().row_absmax(cw)
+    np.testing.assert_array_equal(got, want)
+    assert got[7] == got[299] == 0 and (got[:7] > 0).all()
+
+
+def test_sinkhorn_matches_the_default_decomposition():
+    from dsv4.backends.cpu.ops import CpuOps
+    from dsv4.portable.reference import NumpyOps
+    c = (2 * RNG.standard_normal((2, 3, 4, 4))).astype(np.float32)
+    got, want = CpuOps().sinkhorn(c, 20, 1e-6), NumpyOps("float32").sinkhorn(c, 20, 1e-6)
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    assert np.allclose(got.sum(-2), 1, atol=1e-5)                 # columns normalized last

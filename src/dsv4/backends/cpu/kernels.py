@@ -268,13 +268,14 @@ def linear(fmt, codes, scale, n, k, x, group_rows, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def decode_rows(fmt, codes, scale, k, r0, out):
-    """out [R, K] float32 = rows r0 … r0+R−1 of the stored weight, exactly (a tile for a BLAS product)."""
+def decode_rows(fmt, codes, scale, k, rows, out):
+    """out [R, K] float32 = rows `rows` [R] of the stored weight, exactly (a tile for a BLAS product, looked-up
+    embedding rows)."""
     rk = _row_elems(fmt, k)
     full = k - k % LANES
     step = LANES // 2 if fmt == FP4 else LANES
     for i in prange(out.shape[0]):
-        r = r0 + i
+        r = rows[i]
         srow = _scale_row(fmt, scale, r)
         orow = out[i]
         for j in range(0, full, LANES):
@@ -359,3 +360,39 @@ def moe(fmt, c1, s1, c2, s2, c3, s3, inter, dim, x, idx, wts, limit, round_bf16,
                               orow, 0)
                     tot += y[0, 0]
             out[m, d] = tot
+
+
+# ------------------------------------------------------------------------------------ mHC
+@njit(fastmath=False, cache=True)
+def sinkhorn(c, iters, eps):
+    """`Ops.sinkhorn` on c [N, hc, hc] (its default decomposition, in one call instead of ~4·iters NumPy
+    reductions: a decode step runs it twice per layer)."""
+    out = np.empty_like(c)
+    n, h, _ = c.shape
+    for i in range(n):
+        m = out[i]
+        for r in range(h):
+            top = c[i, r, 0]
+            for j in range(1, h):
+                top = max(top, c[i, r, j])
+            tot = 0.0
+            for j in range(h):
+                m[r, j] = np.exp(c[i, r, j] - top)
+                tot += m[r, j]
+            for j in range(h):
+                m[r, j] = m[r, j] / tot + eps
+        for t in range(iters):
+            if t > 0:
+                for r in range(h):
+                    tot = 0.0
+                    for j in range(h):
+                        tot += m[r, j]
+                    for j in range(h):
+                        m[r, j] /= tot + eps
+            for j in range(h):
+                tot = 0.0
+                for r in range(h):
+                    tot += m[r, j]
+                for r in range(h):
+                    m[r, j] /= tot + eps
+    return out

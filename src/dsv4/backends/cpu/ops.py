@@ -7,6 +7,7 @@ few small tensors, which NumPy (its BLAS) already does well.  Everything else is
 * up to `FUSED_ROWS` activation rows (decode, a speculative verify step, a small batch): one fused
   kernel per product that decodes each weight once and multiplies it into every row (`kernels.linear`);
   the routed experts of those rows run as one kernel over only the selected experts (`kernels.moe`);
+* mHC's Sinkhorn normalization (twice per layer per step, ~80 tiny NumPy reductions each) is one call;
 * more rows (prefill): each weight is decoded tile by tile (`TILE_BYTES` of float32 rows, cache-sized)
   straight into a BLAS matrix product, never into a whole dense copy; the routed experts go expert by
   expert over the rows routed to each (`NumpyOps.moe`), so only those experts' weights are read.
@@ -37,6 +38,21 @@ class CpuOps(NumpyOps):
     def dense(self, w):
         return w.dense() if isinstance(w, CpuLinear) else w
 
+    def weight_rows(self, w, idx):
+        return w.rows(idx) if isinstance(w, CpuLinear) else super().weight_rows(w, idx)
+
+    def row_absmax(self, w):
+        """BF16 words: the largest magnitude is the largest word with the sign cleared (bf16 orders like its
+        bits), found without decoding the matrix; other formats a row block at a time."""
+        if not isinstance(w, CpuLinear):
+            return super().row_absmax(w)
+        n, k = w.shape
+        if w.fmt == kernels.BF16:
+            words = w.codes.reshape(n, k)
+            top = np.concatenate([(words[a:a + 4096] & 0x7FFF).max(-1) for a in range(0, n, 4096)])
+            return quant.bf16_to_f32(top.astype(np.uint16))
+        return np.concatenate([np.abs(w.rows(np.arange(a, min(n, a + 1024)))).max(-1) for a in range(0, n, 1024)])
+
     def _rows(self, x, w: CpuLinear):
         if self.emulate and w.fmt != kernels.BF16:
             x = quant.act_fp8_round(x, 128)
@@ -50,7 +66,7 @@ class CpuOps(NumpyOps):
         tile = np.empty((min(step, r1 - r0), k), np.float32)
         for a in range(r0, r1, step):
             t = tile[:min(step, r1 - a)]
-            kernels.decode_rows(w.fmt, w.codes, w.scale, k, a, t)
+            kernels.decode_rows(w.fmt, w.codes, w.scale, k, np.arange(a, a + t.shape[0]), t)
             np.matmul(rows, t.T, out=out[:, a - r0:a - r0 + t.shape[0]])
         return out
 
@@ -82,6 +98,10 @@ class CpuOps(NumpyOps):
             out = np.concatenate([self._tiled(np.ascontiguousarray(by_group[:, g]), w, g * per, (g + 1) * per)
                                   for g in range(groups)], -1)
         return out.reshape(lead + [groups, per])
+
+    def sinkhorn(self, c, iters, eps):
+        flat = np.ascontiguousarray(np.reshape(c, (-1,) + c.shape[-2:]))
+        return np.reshape(kernels.sinkhorn(flat, iters, flat.dtype.type(eps)), c.shape)
 
     def moe(self, x, idx, wts, experts, limit):
         if not isinstance(experts, ExpertBank) or x.shape[0] > FUSED_ROWS or self.emulate:

@@ -33,10 +33,15 @@ class CpuLinear:
     scale: np.ndarray
     shape: tuple
 
+    def rows(self, ids) -> np.ndarray:
+        """Rows `ids` (any int array) decoded to float32 [*ids.shape, in]."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((ids.size, self.shape[1]), np.float32)
+        kernels.decode_rows(self.fmt, self.codes, self.scale, self.shape[1], ids.reshape(-1), out)
+        return out.reshape(*ids.shape, self.shape[1])
+
     def dense(self) -> np.ndarray:
-        out = np.empty(self.shape, np.float32)
-        kernels.decode_rows(self.fmt, self.codes, self.scale, self.shape[1], 0, out)
-        return out
+        return self.rows(np.arange(self.shape[0]))
 
 
 def _scale_f32(scale: np.ndarray) -> np.ndarray:
@@ -86,12 +91,12 @@ class CpuWeights(WeightStore):
         return kernel_form(qw, self._codes(prefix) if qw.fmt != "float" or qw.data.dtype == np.uint16 else None)
 
     def plain(self, name):
-        """A BF16 matrix the graph only multiplies by (the head, router gate, compressor and indexer
-        projections: every 2-D BF16 tensor but the embedding) stays BF16 words for the kernels."""
+        """A BF16 matrix (the embedding, head, router gate, compressor and indexer projections) stays BF16
+        words: the graph only multiplies by it (the kernels) or looks rows up (`CpuOps.weight_rows`)."""
         spec = self.ckpt.spec(name)
-        if spec.dtype == "BF16" and len(spec.shape) == 2 and name != "embed.weight":
+        if spec.dtype == "BF16" and len(spec.shape) == 2:
             return CpuLinear(kernels.BF16, self.ckpt.read(name).reshape(-1), NO_SCALE, tuple(spec.shape))
-        return self.ckpt.array(name, np.float32).astype(self.dt)
+        return self.ckpt.array(name, np.float32).astype(self.dt, copy=False)
 
     def table(self, name):
         return self.ids(name)
