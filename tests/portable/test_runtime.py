@@ -14,7 +14,7 @@ from dsv4.portable.runtime import get_backend
 
 
 def test_unknown_backend_lists_choices():
-    with pytest.raises(dsv4.BackendError, match="unknown backend 'metal'; available: cuda, mlx, onnx, reference"):
+    with pytest.raises(dsv4.BackendError, match="unknown backend 'metal'; available: cpu, cuda, mlx, onnx, reference"):
         dsv4.load("tiny", backend="metal")
 
 

@@ -267,28 +267,40 @@ def linear(fmt, codes, scale, n, k, x, group_rows, out):
             _row_dots(fmt, codes, r * rk, k, _scale_row(fmt, scale, r), x, xrow, acc, buf, out, orow, r)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def decode_rows(fmt, codes, scale, k, rows, out):
-    """out [R, K] float32 = rows `rows` [R] of the stored weight, exactly (a tile for a BLAS product, looked-up
-    embedding rows)."""
+@njit(inline="always", fastmath=True)
+def _decode_row(fmt, codes, scale, k, r, orow):
+    """orow [K] float32 = row r of the stored weight, exactly."""
     rk = _row_elems(fmt, k)
     full = k - k % LANES
     step = LANES // 2 if fmt == FP4 else LANES
+    srow = _scale_row(fmt, scale, r)
+    for j in range(0, full, LANES):
+        c = r * rk + (j // LANES) * step
+        if fmt == FP8:
+            _fp8_store(codes, c, orow, j, srow[j // quant.FP8_BLOCK])
+        elif fmt == FP4:
+            _fp4_store(codes, c, orow, j, srow[j // quant.FP4_BLOCK] * np.float32(0.5))
+        else:
+            _bf16_store(codes, c, orow, j, np.float32(1.0))
+    for j in range(full, k):
+        s = srow[j // quant.FP8_BLOCK] if fmt == FP8 else np.float32(1.0)
+        orow[j] = _scalar(fmt, codes, r * rk + j) * s
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def decode_rows(fmt, codes, scale, k, rows, out):
+    """out [R, K] float32 = rows `rows` [R] of the stored weight, exactly (looked-up embedding rows, a
+    head's live rows, a dense copy), over numba's threads."""
     for i in prange(out.shape[0]):
-        r = rows[i]
-        srow = _scale_row(fmt, scale, r)
-        orow = out[i]
-        for j in range(0, full, LANES):
-            c = r * rk + (j // LANES) * step
-            if fmt == FP8:
-                _fp8_store(codes, c, orow, j, srow[j // quant.FP8_BLOCK])
-            elif fmt == FP4:
-                _fp4_store(codes, c, orow, j, srow[j // quant.FP4_BLOCK] * np.float32(0.5))
-            else:
-                _bf16_store(codes, c, orow, j, np.float32(1.0))
-        for j in range(full, k):
-            s = srow[j // quant.FP8_BLOCK] if fmt == FP8 else np.float32(1.0)
-            orow[j] = _scalar(fmt, codes, r * rk + j) * s
+        _decode_row(fmt, codes, scale, k, rows[i], out[i])
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def decode_tile(fmt, codes, scale, k, r0, out):
+    """out [R, K] float32 = rows r0 … r0+R−1, on the calling thread without the GIL: prefill's worker
+    threads each decode a tile and multiply it (single-threaded BLAS), so both run on every core."""
+    for i in range(out.shape[0]):
+        _decode_row(fmt, codes, scale, k, r0 + i, out[i])
 
 
 # ------------------------------------------------------------------------------------ routed experts

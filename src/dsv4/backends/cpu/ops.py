@@ -9,11 +9,13 @@ few small tensors, which NumPy (its BLAS) already does well.  Everything else is
   the routed experts of those rows run as one kernel over only the selected experts (`kernels.moe`);
 * mHC's Sinkhorn normalization (twice per layer per step, ~80 tiny NumPy reductions each) is one call;
 * more rows (prefill): each weight is decoded tile by tile (`TILE_BYTES` of float32 rows, cache-sized)
-  straight into a BLAS matrix product, never into a whole dense copy; the routed experts go expert by
+  straight into a BLAS matrix product, never into a whole dense copy, tiles spread over the threads; the routed experts go expert by
   expert over the rows routed to each (`NumpyOps.moe`), so only those experts' weights are read.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -34,6 +36,8 @@ class CpuOps(NumpyOps):
             raise ValueError(f"cpu backend dtype must be float32 or bfloat16, got {dtype!r} "
                              "(float64 is the reference backend's)")
         super().__init__(dtype, emulate, dense_cache_bytes=0)
+        self.threads = 1            # set by the runner
+        self._workers = None
 
     def dense(self, w):
         return w.dense() if isinstance(w, CpuLinear) else w
@@ -59,16 +63,29 @@ class CpuOps(NumpyOps):
         return np.ascontiguousarray(np.reshape(x, (-1, x.shape[-1])), dtype=np.float32)
 
     def _tiled(self, rows, w: CpuLinear, r0: int, r1: int) -> np.ndarray:
-        """rows [M, K] · W[r0:r1]ᵀ through decoded float32 tiles of W."""
+        """rows [M, K] · W[r0:r1]ᵀ through decoded float32 tiles of W, the tiles spread over `threads`
+        worker threads (each decodes its tile without the GIL, then a single-threaded BLAS product)."""
         k = w.shape[1]
         step = max(quant.FP8_BLOCK, TILE_BYTES // (4 * k) // quant.FP8_BLOCK * quant.FP8_BLOCK)
         out = np.empty((rows.shape[0], r1 - r0), np.float32)
-        tile = np.empty((min(step, r1 - r0), k), np.float32)
-        for a in range(r0, r1, step):
-            t = tile[:min(step, r1 - a)]
-            kernels.decode_rows(w.fmt, w.codes, w.scale, k, np.arange(a, a + t.shape[0]), t)
+        starts = range(r0, r1, step)
+
+        def product(a):
+            t = np.empty((min(step, r1 - a), k), np.float32)
+            kernels.decode_tile(w.fmt, w.codes, w.scale, k, a, t)
             np.matmul(rows, t.T, out=out[:, a - r0:a - r0 + t.shape[0]])
+
+        if self.threads > 1 and len(starts) > 1:
+            list(self._pool().map(product, starts))
+        else:
+            for a in starts:
+                product(a)
         return out
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._workers is None or self._workers._max_workers != self.threads:
+            self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="dsv4-cpu")
+        return self._workers
 
     def linear(self, x, w):
         if not isinstance(w, CpuLinear):

@@ -5,7 +5,8 @@ or OMP_NUM_THREADS when set), set per step because numba's count is per calling 
 from its worker thread).  NumPy's BLAS runs one thread during a step: its idle threads spin-wait for work
 and so do numba's OpenMP ones, and the two pools alternating on the same cores made a medium-model decode
 step 5-6x slower (48 ms → 240-300 ms, prefill 63 → 4 tok/s on 2 cores); the BLAS products left in a step
-(attention over the state, mHC) are small, and prefill's large ones still reach the goal single-threaded.
+(attention over the state, mHC) are small, and prefill's large ones run as tiles on `threads` worker threads
+(`CpuOps._tiled`), each with its own single-threaded BLAS call.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class CpuRunner(GraphRunner):
         want = threads or default_threads()
         if want < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
-        self.threads = min(want, numba.config.NUMBA_NUM_THREADS)
+        self.threads = ops.threads = min(want, numba.config.NUMBA_NUM_THREADS)
         self._pools = ThreadpoolController()
 
     def _threads(self):
