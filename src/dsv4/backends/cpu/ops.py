@@ -24,7 +24,7 @@ from ...portable.reference import NumpyOps
 from . import kernels
 from .weights import CpuLinear, ExpertBank
 
-FUSED_ROWS = 16
+FUSED_ROWS = 8
 TILE_BYTES = 1 << 20
 
 
