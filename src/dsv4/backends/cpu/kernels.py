@@ -318,6 +318,21 @@ def _bf16_round(v):
     return _bits_f32((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
 
 
+@njit(inline="always")
+def _one_row_scratch():
+    return (np.empty((1, LANES), np.float32), np.empty(LANES, np.float32), np.empty((1, 1), np.float32),
+            np.empty(1, np.int64), np.zeros(1, np.int64))
+
+
+@njit(inline="always", fastmath=True)
+def _one_row_dot(fmt, codes, off, k, scale_row, x, xr, scratch):
+    """Σ_j decode(codes[off + ·])·x[xr, j]·scale: one weight row times one activation row."""
+    acc, buf, res, xrow, orow = scratch
+    xrow[0] = xr
+    _row_dots(fmt, codes, off, k, scale_row, x, xrow, acc, buf, res, orow, 0)
+    return res[0, 0]
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def moe(fmt, c1, s1, c2, s2, c3, s3, inter, dim, x, idx, wts, limit, round_bf16, out):
     """out [M, D] = Σ_k wts[m,k]·Expert_{idx[m,k]}(x[m]) over the routed experts only (idx −1 = skip).
@@ -339,38 +354,26 @@ def moe(fmt, c1, s1, c2, s2, c3, s3, inter, dim, x, idx, wts, limit, round_bf16,
     rk1 = _row_elems(fmt, dim)
     per = _task_rows(p * inter)
     for task in prange((p * inter + per - 1) // per):
-        acc = np.empty((1, LANES), np.float32)
-        buf = np.empty(LANES, np.float32)
-        g = np.empty((1, 2), np.float32)
-        xrow = np.empty(1, np.int64)
-        orow = np.zeros(1, np.int64)
+        scratch = _one_row_scratch()
         for t in range(task * per, min(p * inter, task * per + per)):
             q, r = t // inter, t % inter
             m, j = pairs[q, 0], pairs[q, 1]
             e = idx[m, j]
-            xrow[0] = m
-            _row_dots(fmt, c1[e], r * rk1, dim, _scale_row(fmt, s1[e], r), x, xrow, acc, buf, g, orow, 0)
-            _row_dots(fmt, c3[e], r * rk1, dim, _scale_row(fmt, s3[e], r), x, xrow, acc, buf, g, orow, 1)
-            a = _swiglu(g[0, 0], g[0, 1], limit, wts[m, j])
+            g = _one_row_dot(fmt, c1[e], r * rk1, dim, _scale_row(fmt, s1[e], r), x, m, scratch)
+            u = _one_row_dot(fmt, c3[e], r * rk1, dim, _scale_row(fmt, s3[e], r), x, m, scratch)
+            a = _swiglu(g, u, limit, wts[m, j])
             hidden[q, r] = _bf16_round(a) if round_bf16 else a
     rk2 = _row_elems(fmt, inter)
     per = _task_rows(m_rows * dim)
     for task in prange((m_rows * dim + per - 1) // per):
-        acc = np.empty((1, LANES), np.float32)
-        buf = np.empty(LANES, np.float32)
-        y = np.empty((1, 1), np.float32)
-        xrow = np.empty(1, np.int64)
-        orow = np.zeros(1, np.int64)
+        scratch = _one_row_scratch()
         for t in range(task * per, min(m_rows * dim, task * per + per)):
             m, d = t // dim, t % dim
             tot = np.float32(0.0)
             for q in range(p):
                 if pairs[q, 0] == m:
                     e = idx[m, pairs[q, 1]]
-                    xrow[0] = q
-                    _row_dots(fmt, c2[e], d * rk2, inter, _scale_row(fmt, s2[e], d), hidden, xrow, acc, buf, y,
-                              orow, 0)
-                    tot += y[0, 0]
+                    tot += _one_row_dot(fmt, c2[e], d * rk2, inter, _scale_row(fmt, s2[e], d), hidden, q, scratch)
             out[m, d] = tot
 
 
