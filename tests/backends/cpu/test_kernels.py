@@ -163,3 +163,22 @@ def test_sinkhorn_matches_the_default_decomposition():
     assert got.shape == want.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
     assert np.allclose(got.sum(-2), 1, atol=1e-5)                 # columns normalized last
+
+
+def test_fp4_decode_off_x86_matches_the_table(monkeypatch):
+    """The shift formula used where there is no byte shuffle (ARM Linux, say), compiled here by building the
+    intrinsics again with the x86 path turned off: every byte's two nibbles decode to E2M1 × scale."""
+    from numba import njit
+    monkeypatch.setattr(kernels, "_X86", False)
+    _, store32 = kernels._make_intrinsics(kernels.FP4)
+
+    @njit
+    def decode(codes, out, s):
+        for i in range(codes.size // 16):
+            store32(codes, i * 16, out, i * 32, s)
+
+    codes = np.arange(256, dtype=np.uint8)
+    out = np.empty(512, np.float32)
+    decode(codes, out, np.float32(0.25))
+    want = np.stack([quant.E2M1[codes & 15], quant.E2M1[codes >> 4]], -1).reshape(-1) * 0.5
+    np.testing.assert_array_equal(out, want)
