@@ -214,7 +214,8 @@ class QuantWeight:
         return dequantize(self, dtype)
 
 
-def _scale_f32(s: np.ndarray) -> np.ndarray:
+def scale_f32(s: np.ndarray) -> np.ndarray:
+    """Weight scales as float32: E8M0 bytes decoded, float32 scales as they are."""
     return e8m0_to_f32(s) if s.dtype == np.uint8 else np.asarray(s, dtype=np.float32)
 
 
@@ -224,7 +225,7 @@ def dequantize(w: QuantWeight, dtype=np.float32) -> np.ndarray:
     if w.fmt == "float":
         d = np.asarray(w.data)
         return (bf16_to_f32(d) if d.dtype == np.uint16 else d).astype(dtype)
-    s = _scale_f32(np.asarray(w.scale))
+    s = scale_f32(np.asarray(w.scale))
     if w.fmt == "fp8":
         full = np.repeat(np.repeat(s, FP8_BLOCK, axis=0)[:m], FP8_BLOCK, axis=1)[:, :n]
         return (e4m3_to_f32(w.data) * full).astype(dtype)

@@ -13,23 +13,21 @@ from dsv4.portable import quant  # noqa: E402
 RNG = np.random.default_rng(18)
 
 
-def _weights(fmt, n, k, codes=None, scale=None):
+def _weights(fmt, n, k):
     w = RNG.standard_normal((n, k)).astype(np.float32)
     if fmt == "fp8":
-        qw = quant.quantize_fp8_block(w)
-    elif fmt == "fp4":
-        qw = quant.quantize_fp4(w)
-    else:
-        qw = quant.QuantWeight("float", quant.f32_to_bf16(w), None, (n, k))
-    data = qw.data if codes is None else codes
-    sc = qw.scale if scale is None else scale
-    return quant.QuantWeight(qw.fmt, data, sc, (n, k))
+        return quant.quantize_fp8_block(w)
+    if fmt == "fp4":
+        return quant.quantize_fp4(w)
+    return quant.QuantWeight("float", quant.f32_to_bf16(w), None, (n, k))
 
 
 def _product(cw, x, group_rows=None):
+    """kernels.linear: x [M, K], or [M·G, K] with G = N / group_rows groups → [M, N]."""
     n, k = cw.shape
-    out = np.empty((x.shape[0] * (1 if group_rows is None else 1), n), np.float32)
-    kernels.linear(cw.fmt, cw.codes, cw.scale, n, k, x, group_rows or n, out)
+    group_rows = group_rows or n
+    out = np.empty((x.shape[0] // (n // group_rows), n), np.float32)
+    kernels.linear(cw.fmt, cw.codes, cw.scale, n, k, x, group_rows, out)
     return out
 
 
@@ -106,10 +104,7 @@ def test_grouped_rows_read_their_group():
     x = RNG.standard_normal((2 * groups, k)).astype(np.float32)
     dense = quant.dequantize(qw, np.float64).reshape(groups, per, k)
     ref = np.einsum("mgk,grk->mgr", x.reshape(2, groups, k).astype(np.float64), dense).reshape(2, -1)
-    cw = kernel_form(qw)
-    out = np.empty((2, groups * per), np.float32)
-    kernels.linear(cw.fmt, cw.codes, cw.scale, groups * per, k, x, per, out)
-    assert _rel(out, ref) <= 2e-6
+    assert _rel(_product(kernel_form(qw), x, per), ref) <= 2e-6
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])

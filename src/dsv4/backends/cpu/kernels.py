@@ -42,7 +42,6 @@ _HALF8 = ir.VectorType(_I8, LANES // 2)
 _E2M1_X2 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]     # 2 × e2m1 value, by nibble
 
 E4M3 = quant.e4m3_to_f32(np.arange(256, dtype=np.uint8)).astype(np.float32)     # scalar tails
-E2M1_X2 = np.array(_E2M1_X2, dtype=np.float32)
 
 
 def _splat(vtype, value):
@@ -170,60 +169,13 @@ def _f32_bits(typingctx, value):
     return types.uint32(types.float32), lambda context, builder, sig, args: builder.bitcast(args[0], _I32)
 
 
-# ------------------------------------------------------------------------------------ one row, many x
+# ------------------------------------------------------------------------------------ per format
 @njit(inline="always", fastmath=True)
 def _scalar(fmt, codes, i):
     """Element i of a row (tails shorter than 32; FP4 rows are whole blocks, so never FP4)."""
     if fmt == FP8:
         return E4M3[codes[i]]
     return _bits_f32(np.uint32(codes[i]) << np.uint32(16))
-
-
-@njit(inline="always", fastmath=True)
-def _row_dots(fmt, codes, off, k, scale_row, x, xrow, acc, buf, out, orow, col):
-    """out[m, col] = Σ_j decode(codes[off + ·])·x[xrow[m], j]·scale for each m; x [*, k] float32.
-
-    One x row: the fused decode-multiply-add.  Several: each 32 weights are decoded once into `buf` and
-    multiplied into every row's accumulator (acc [M, 32])."""
-    m_rows = xrow.shape[0]
-    acc[:] = 0
-    full = k - k % LANES
-    step = LANES // 2 if fmt == FP4 else LANES
-    for j in range(0, full, LANES):
-        if fmt == FP8:
-            s = scale_row[j // quant.FP8_BLOCK]
-        elif fmt == FP4:
-            s = scale_row[j // quant.FP4_BLOCK] * np.float32(0.5)
-        else:
-            s = np.float32(1.0)
-        c = off + (j // LANES) * step
-        if m_rows == 1:
-            a = acc[0]
-            xr = x[xrow[0]]
-            if fmt == FP8:
-                _fp8_fma(codes, c, xr, j, a, s)
-            elif fmt == FP4:
-                _fp4_fma(codes, c, xr, j, a, s)
-            else:
-                _bf16_fma(codes, c, xr, j, a, s)
-        else:
-            if fmt == FP8:
-                _fp8_store(codes, c, buf, 0, s)
-            elif fmt == FP4:
-                _fp4_store(codes, c, buf, 0, s)
-            else:
-                _bf16_store(codes, c, buf, 0, s)
-            for m in range(m_rows):
-                _vfma32(buf, x[xrow[m]], j, acc[m])
-    for m in range(m_rows):
-        tot = np.float32(0.0)
-        for t in range(LANES):
-            tot += acc[m, t]
-        xr = x[xrow[m]]
-        for j in range(full, k):
-            s = scale_row[j // quant.FP8_BLOCK] if fmt == FP8 else np.float32(1.0)
-            tot += _scalar(fmt, codes, off + j) * s * xr[j]
-        out[orow[m], col] = tot
 
 
 @njit(inline="always")
@@ -237,7 +189,74 @@ def _scale_row(fmt, scale, row):
 
 @njit(inline="always")
 def _row_elems(fmt, k):
+    """Codes per weight row of K inputs (packed FP4: two per byte)."""
     return k // 2 if fmt == FP4 else k
+
+
+@njit(inline="always")
+def _chunk_scale(fmt, scale_row, j):
+    """The factor of the 32 weights (or the tail element) at column j: the FP8 block scale, half the FP4
+    block scale (the decode yields 2×value), 1 for BF16."""
+    if fmt == FP8:
+        return scale_row[j // quant.FP8_BLOCK]
+    if fmt == FP4:
+        return scale_row[j // quant.FP4_BLOCK] * np.float32(0.5)
+    return np.float32(1.0)
+
+
+@njit(inline="always")
+def _chunk_code(fmt, off, j):
+    """Where the codes of the 32 weights at column j start, for a row starting at code `off`."""
+    return off + (j // LANES) * (LANES // 2 if fmt == FP4 else LANES)
+
+
+@njit(inline="always")
+def _fma32(fmt, codes, c, x, xoff, acc, s):
+    if fmt == FP8:
+        _fp8_fma(codes, c, x, xoff, acc, s)
+    elif fmt == FP4:
+        _fp4_fma(codes, c, x, xoff, acc, s)
+    else:
+        _bf16_fma(codes, c, x, xoff, acc, s)
+
+
+@njit(inline="always")
+def _store32(fmt, codes, c, out, ooff, s):
+    if fmt == FP8:
+        _fp8_store(codes, c, out, ooff, s)
+    elif fmt == FP4:
+        _fp4_store(codes, c, out, ooff, s)
+    else:
+        _bf16_store(codes, c, out, ooff, s)
+
+
+# ------------------------------------------------------------------------------------ one row, many x
+@njit(inline="always", fastmath=True)
+def _row_dots(fmt, codes, off, k, scale_row, x, xrow, acc, buf, out, orow, col):
+    """out[m, col] = Σ_j decode(codes[off + ·])·x[xrow[m], j]·scale for each m; x [*, k] float32.
+
+    One x row: the fused decode-multiply-add.  Several: each 32 weights are decoded once into `buf` and
+    multiplied into every row's accumulator (acc [M, 32])."""
+    m_rows = xrow.shape[0]
+    acc[:] = 0
+    full = k - k % LANES
+    for j in range(0, full, LANES):
+        s = _chunk_scale(fmt, scale_row, j)
+        c = _chunk_code(fmt, off, j)
+        if m_rows == 1:
+            _fma32(fmt, codes, c, x[xrow[0]], j, acc[0], s)
+        else:
+            _store32(fmt, codes, c, buf, 0, s)
+            for m in range(m_rows):
+                _vfma32(buf, x[xrow[m]], j, acc[m])
+    for m in range(m_rows):
+        tot = np.float32(0.0)
+        for t in range(LANES):
+            tot += acc[m, t]
+        xr = x[xrow[m]]
+        for j in range(full, k):
+            tot += _scalar(fmt, codes, off + j) * _chunk_scale(fmt, scale_row, j) * xr[j]
+        out[orow[m], col] = tot
 
 
 TASKS = 64                      # row ranges per product: balanced over the threads, few allocations
@@ -270,21 +289,13 @@ def linear(fmt, codes, scale, n, k, x, group_rows, out):
 @njit(inline="always", fastmath=True)
 def _decode_row(fmt, codes, scale, k, r, orow):
     """orow [K] float32 = row r of the stored weight, exactly."""
-    rk = _row_elems(fmt, k)
+    off = r * _row_elems(fmt, k)
     full = k - k % LANES
-    step = LANES // 2 if fmt == FP4 else LANES
     srow = _scale_row(fmt, scale, r)
     for j in range(0, full, LANES):
-        c = r * rk + (j // LANES) * step
-        if fmt == FP8:
-            _fp8_store(codes, c, orow, j, srow[j // quant.FP8_BLOCK])
-        elif fmt == FP4:
-            _fp4_store(codes, c, orow, j, srow[j // quant.FP4_BLOCK] * np.float32(0.5))
-        else:
-            _bf16_store(codes, c, orow, j, np.float32(1.0))
+        _store32(fmt, codes, _chunk_code(fmt, off, j), orow, j, _chunk_scale(fmt, srow, j))
     for j in range(full, k):
-        s = srow[j // quant.FP8_BLOCK] if fmt == FP8 else np.float32(1.0)
-        orow[j] = _scalar(fmt, codes, r * rk + j) * s
+        orow[j] = _scalar(fmt, codes, off + j) * _chunk_scale(fmt, srow, j)
 
 
 @njit(parallel=True, fastmath=True, cache=True)

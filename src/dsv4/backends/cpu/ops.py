@@ -9,8 +9,9 @@ few small tensors, which NumPy (its BLAS) already does well.  Everything else is
   the routed experts of those rows run as one kernel over only the selected experts (`kernels.moe`);
 * mHC's Sinkhorn normalization (twice per layer per step, ~80 tiny NumPy reductions each) is one call;
 * more rows (prefill): each weight is decoded tile by tile (`TILE_BYTES` of float32 rows, cache-sized)
-  straight into a BLAS matrix product, never into a whole dense copy, tiles spread over the threads; the routed experts go expert by
-  expert over the rows routed to each (`NumpyOps.moe`), so only those experts' weights are read.
+  straight into a BLAS matrix product, never into a whole dense copy, the tiles spread over the threads;
+  the routed experts go expert by expert over the rows routed to each (`NumpyOps.moe`), so only those
+  experts' weights are read.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class CpuOps(NumpyOps):
             raise ValueError(f"cpu backend dtype must be float32 or bfloat16, got {dtype!r} "
                              "(float64 is the reference backend's)")
         super().__init__(dtype, emulate, dense_cache_bytes=0)
-        self.threads = 1            # set by the runner
+        self.threads = 1            # set once by the runner, before the first step
         self._workers = None
 
     def dense(self, w):
@@ -83,7 +84,7 @@ class CpuOps(NumpyOps):
         return out
 
     def _pool(self) -> ThreadPoolExecutor:
-        if self._workers is None or self._workers._max_workers != self.threads:
+        if self._workers is None:
             self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="dsv4-cpu")
         return self._workers
 

@@ -44,19 +44,18 @@ class CpuLinear:
         return self.rows(np.arange(self.shape[0]))
 
 
-def _scale_f32(scale: np.ndarray) -> np.ndarray:
-    return quant.e8m0_to_f32(scale).astype(np.float32) if scale.dtype == np.uint8 else np.array(scale, np.float32)
+def _scales(qw: quant.QuantWeight) -> np.ndarray:
+    """`qw`'s scales as float32 in the backend's own memory (not a view of the checkpoint's map)."""
+    return NO_SCALE if qw.scale is None else np.array(quant.scale_f32(np.asarray(qw.scale)), np.float32)
 
 
-def kernel_form(qw: quant.QuantWeight, codes: np.ndarray | None = None):
-    """`qw` as a `CpuLinear` (its codes copied out of the map unless `codes` already holds them), or a
-    float32 array for float weights the kernels do not read (float16/32/64)."""
-    if qw.fmt == "float" and qw.data.dtype != np.uint16:
-        return np.array(qw.data, np.float32)
-    if codes is None:
-        codes = np.array(qw.data).reshape(-1)
-    scale = NO_SCALE if qw.scale is None else _scale_f32(np.asarray(qw.scale))
-    return CpuLinear(_FMT[qw.fmt], codes, scale, qw.shape)
+def kernel_form(qw: quant.QuantWeight, data: np.ndarray | None = None):
+    """`qw` as a `CpuLinear` over `data` (its stored values, already read into memory; default `qw.data`),
+    or a float32 array for float weights the kernels do not read (float16/32/64)."""
+    data = qw.data if data is None else data
+    if qw.fmt == "float" and data.dtype != np.uint16:
+        return np.asarray(data, np.float32)
+    return CpuLinear(_FMT[qw.fmt], np.ascontiguousarray(data).reshape(-1), _scales(qw), qw.shape)
 
 
 class ExpertBank:
@@ -83,19 +82,15 @@ class CpuWeights(WeightStore):
         super().__init__(cfg, ckpt)
         self.dt = dtype
 
-    def _codes(self, prefix: str) -> np.ndarray:
-        return self.ckpt.read(f"{prefix}.weight").reshape(-1)
-
     def linear(self, prefix):
-        qw = self.ckpt.quant_weight(prefix)
-        return kernel_form(qw, self._codes(prefix) if qw.fmt != "float" or qw.data.dtype == np.uint16 else None)
+        return kernel_form(self.ckpt.quant_weight(prefix), self.ckpt.read(f"{prefix}.weight"))
 
     def plain(self, name):
         """A BF16 matrix (the embedding, head, router gate, compressor and indexer projections) stays BF16
         words: the graph only multiplies by it (the kernels) or looks rows up (`CpuOps.weight_rows`)."""
         spec = self.ckpt.spec(name)
         if spec.dtype == "BF16" and len(spec.shape) == 2:
-            return CpuLinear(kernels.BF16, self.ckpt.read(name).reshape(-1), NO_SCALE, tuple(spec.shape))
+            return kernel_form(quant.QuantWeight("float", self.ckpt.read(name), None, spec.shape))
         return self.ckpt.array(name, np.float32).astype(self.dt, copy=False)
 
     def table(self, name):
@@ -105,12 +100,9 @@ class CpuWeights(WeightStore):
         held = list(self.expert_ids(entry))
         projs = []
         for p in EXPERT_PROJ:
-            names = [f"{entry.name}{e}.{p}" for e in held]
-            first = self.ckpt.quant_weight(names[0])
-            codes = np.empty((len(held), first.data.size), first.data.dtype)
-            scales = []
-            for i, name in enumerate(names):
-                self.ckpt.read(f"{name}.weight", out=codes[i])
-                scales.append(_scale_f32(np.asarray(self.ckpt.quant_weight(name).scale)))
-            projs.append(CpuLinear(_FMT[first.fmt], codes, np.stack(scales), first.shape))
+            qws = [self.ckpt.quant_weight(f"{entry.name}{e}.{p}") for e in held]
+            codes = np.empty((len(held), qws[0].data.size), qws[0].data.dtype)
+            for i, e in enumerate(held):
+                self.ckpt.read(f"{entry.name}{e}.{p}.weight", out=codes[i])
+            projs.append(CpuLinear(_FMT[qws[0].fmt], codes, np.stack([_scales(q) for q in qws]), qws[0].shape))
         return ExpertBank(*projs, len(held))

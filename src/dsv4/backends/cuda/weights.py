@@ -21,7 +21,7 @@ import torch
 from ...portable import quant
 from ...portable.checkpoint import EXPERT_PROJ
 from ...portable.weights import WeightStore
-from .numerics import E2M1_TABLE, E8M0_TABLE
+from .numerics import E2M1_TABLE
 
 
 # byte → (value of the low nibble, value of the high nibble): one gather decodes two packed FP4 weights
@@ -46,12 +46,8 @@ class TorchQuant:
     shape: tuple
 
 
-def _scale_f32(scale: np.ndarray) -> np.ndarray:
-    return E8M0_TABLE[scale] if scale.dtype == np.uint8 else np.asarray(scale, dtype=np.float32)
-
-
 def to_torch_quant(qw: quant.QuantWeight, device) -> TorchQuant:
-    scale = torch.as_tensor(_scale_f32(np.asarray(qw.scale)), device=device)
+    scale = torch.as_tensor(quant.scale_f32(np.asarray(qw.scale)), device=device)
     data = torch.as_tensor(np.array(qw.data), device=device)
     if qw.fmt == "fp8":
         data = data.view(torch.float8_e4m3fn)
